@@ -1,0 +1,1 @@
+"""jepa_jax: I-JEPA pretraining in JAX/Flax with a pluggable attention seam."""
