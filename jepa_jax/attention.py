@@ -1,0 +1,182 @@
+"""The attention seam: one signature, several implementations, picked by name.
+
+Every attention layer of the encoders and the predictor calls `attn(q, k, v, kv_lengths=...)`
+with BTNH inputs (batch, tokens, heads, head dim). `kv_lengths` [B] marks how many leading
+tokens of each sequence are real; the rest is padding that must not be attended to.
+Implementations hold no parameters, so a checkpoint works with every one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "reference")
+# cuDNN's training kernels reject some sequence lengths (odd ones, seen on an H100); padding to a
+# multiple of 8 keeps every length the model produces legal and the tiles aligned.
+CUDNN_SEQ_MULTIPLE = 8
+
+AttentionFn = Callable[..., jax.Array]
+
+
+class AttentionUnavailableError(RuntimeError):
+    """An attention implementation was asked for explicitly but cannot run here."""
+
+
+def _length_mask(kv_lengths: jax.Array | None, num_keys: int) -> jax.Array | None:
+    """[B, 1, 1, S] True where a key is real."""
+    if kv_lengths is None:
+        return None
+    return (jnp.arange(num_keys)[None, :] < kv_lengths[:, None])[:, None, None, :]
+
+
+def reference_attention(q, k, v, *, kv_lengths=None):
+    """Plain einsum attention with a float32 softmax: the readable definition, any platform."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = _length_mask(kv_lengths, k.shape[1])
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def xla_attention(q, k, v, *, kv_lengths=None):
+    """`jax.nn.dot_product_attention` lowered by XLA."""
+    return jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=kv_lengths, implementation="xla"
+    )
+
+
+def cudnn_attention(q, k, v, *, kv_lengths=None):
+    """cuDNN flash attention for any sequence length: pad, mask the padding, slice it off."""
+    batch, tokens = q.shape[:2]
+    padded = -(-tokens // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
+    if padded != tokens:
+        pad = [(0, 0), (0, padded - tokens), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        if kv_lengths is None:
+            kv_lengths = jnp.full((batch,), tokens, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+    )
+    return out[:, :tokens]
+
+
+_BY_NAME: dict[str, AttentionFn] = {
+    "cudnn": cudnn_attention,
+    "xla": xla_attention,
+    "reference": reference_attention,
+}
+
+
+def get(name: str) -> AttentionFn:
+    """The attention function for a concrete implementation name."""
+    if name not in _BY_NAME:
+        raise ValueError(
+            f"attention={name!r}: not an implementation; choose one of {IMPLEMENTATIONS}"
+        )
+    return _BY_NAME[name]
+
+
+def _gpu_compute_capability() -> tuple[int, int] | None:
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus or not hasattr(gpus[0], "compute_capability"):
+        return None
+    major, minor = gpus[0].compute_capability.split(".")
+    return int(major), int(minor)
+
+
+@functools.cache
+def _cudnn_probe() -> str | None:
+    """Run a tiny cuDNN forward+backward once; None if it works, else the reason it does not."""
+    capability = _gpu_compute_capability()
+    if capability is None:
+        return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
+    if capability < (8, 0):
+        return f"GPU compute capability {capability} < 8.0 (cuDNN flash attention needs Ampere+)"
+    try:
+        x = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+        grad = jax.grad(lambda q: cudnn_attention(q, x, x).astype(jnp.float32).sum())(x)
+        jax.block_until_ready(grad)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here"; we report it
+        return f"cuDNN attention failed to run: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def cudnn_unsupported(dtype=None, head_dims: tuple[int, ...] = ()) -> str | None:
+    """Why cuDNN attention cannot run here for this dtype and these head dims (None: it can)."""
+    reason = _cudnn_probe()
+    if reason:
+        return reason
+    if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"compute dtype {jnp.dtype(dtype).name}: cuDNN attention needs bfloat16 or float16"
+    max_head = 256 if _gpu_compute_capability() >= (9, 0) else 128
+    bad = sorted({h for h in head_dims if h % 8 or h > max_head})
+    if bad:
+        return f"head dims {bad}: cuDNN needs a multiple of 8, at most {max_head}"
+    return None
+
+
+def status() -> dict[str, str | None]:
+    """Each concrete implementation -> None if it runs on this machine, else why not."""
+    return {"cudnn": cudnn_unsupported(), "xla": None, "reference": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What runs (`name`) for what was asked (`requested`), and why they differ (`reason`)."""
+
+    requested: str
+    name: str
+    reason: str | None = None
+
+    @property
+    def fn(self) -> AttentionFn:
+        return get(self.name)
+
+
+def resolve(requested: str, *, dtype, head_dims: tuple[int, ...]) -> Choice:
+    """Turn a config value into the implementation that will run.
+
+    `auto` picks cuDNN where it can run and otherwise the fastest correct path for the
+    platform (the einsum reference: XLA's generic lowering is slower at ViT sizes). An explicit
+    `cudnn` that cannot run raises; it never silently changes.
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"config.model.attention={requested!r}: unknown; choose one of {IMPLEMENTATIONS}"
+        )
+    if requested in ("xla", "reference"):
+        return Choice(requested, requested)
+    why_not = cudnn_unsupported(dtype, head_dims)
+    if requested == "cudnn":
+        if why_not:
+            raise AttentionUnavailableError(
+                f"config.model.attention=cudnn cannot run here: {why_not}. "
+                "Use --config.model.attention=auto (falls back) or xla/reference."
+            )
+        return Choice("cudnn", "cudnn")
+    if why_not:
+        return Choice("auto", "reference", f"cudnn unavailable: {why_not}")
+    return Choice("auto", "cudnn")
+
+
+def describe(choice: Choice, layers: dict[str, int]) -> str:
+    """The one startup line: what runs, in how many layers, and why if not what was asked."""
+    total = sum(layers.values())
+    parts = ", ".join(f"{k} {v}" for k, v in layers.items())
+    line = f"Attention: {choice.name} in {total} attention layers ({parts})"
+    if choice.name != choice.requested:
+        line += f"; requested {choice.requested}, {choice.reason}"
+    return line
+
+
+def log_startup(choice: Choice, layers: dict[str, int]) -> None:
+    """Print the startup line on process 0, marked as a warning when auto fell back."""
+    if jax.process_index() == 0:
+        print(("Warning: " if choice.reason else "") + describe(choice, layers), flush=True)

@@ -1,0 +1,49 @@
+"""Startup validation of a config: one clear message per bad field, before anything runs."""
+
+from __future__ import annotations
+
+from jepa_jax.attention import IMPLEMENTATIONS
+from jepa_jax.models.vit import SIZES
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def validate(config) -> None:
+    """Raise ValueError naming the first invalid field and what it accepts."""
+    m, o = config.model, config.optim
+    _require(m.variant in SIZES, "model.variant", m.variant, f"choose one of {sorted(SIZES)}")
+    _require(
+        m.attention in IMPLEMENTATIONS,
+        "model.attention",
+        m.attention,
+        f"choose one of {list(IMPLEMENTATIONS)}",
+    )
+    _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {list(DTYPES)}")
+    _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be a positive integer")
+    _require(
+        m.image_size > 0 and m.image_size % m.patch_size == 0,
+        "model.image_size",
+        m.image_size,
+        f"must be a positive multiple of model.patch_size={m.patch_size}",
+    )
+    _require(m.pred_depth >= 1, "model.pred_depth", m.pred_depth, "must be >= 1")
+    heads = SIZES[m.variant].heads
+    _require(
+        m.pred_dim > 0 and m.pred_dim % heads == 0,
+        "model.pred_dim",
+        m.pred_dim,
+        f"must be a positive multiple of the {heads} heads of {m.variant}",
+    )
+    for field in ("batch_size", "total_steps", "log_every"):
+        _require(config[field] >= 1, field, config[field], "must be >= 1")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(
+        min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", o.lr, "learning rates must be >= 0"
+    )
+    _require(all(0 <= v <= 1 for v in o.ema), "optim.ema", o.ema, "momenta must lie in [0, 1]")
+    _require(min(o.weight_decay) >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")

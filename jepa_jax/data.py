@@ -1,0 +1,274 @@
+"""Grain input pipeline: image sources, random resized crops, per-process sharding.
+
+The host produces uint8 batches {"images": [B_local, S, S, 3]}; `normalize` turns them into
+ImageNet-normalised float32 on device, so the host-to-device copy is 4x smaller.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from PIL import Image, ImageDraw
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SOURCES = ("builtin", "folder")
+
+# Each pipeline element is a whole batch (batching happens on the MapDataset so output does not
+# depend on num_workers), so these threads build whole batches in parallel. Pillow releases the
+# GIL while decoding and resizing, so threads help; the buffer is small because each element is
+# a full batch (hundreds of MB at large batch sizes), not one image.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
+
+
+class BuiltinSource:
+    """Procedural images, image i a pure function of i: a dataset with no download and no files."""
+
+    def __init__(self, size: int, side: int = 256):
+        self.size = size
+        self.side = side
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.size:
+            raise IndexError(f"builtin image {index} out of range [0, {self.size})")
+        return _procedural_image(int(index), self.side)
+
+    def __repr__(self) -> str:
+        return f"BuiltinSource(size={self.size}, side={self.side})"
+
+
+def _procedural_image(index: int, side: int) -> np.ndarray:
+    """A smooth colour field plus a few shapes: spatial structure for I-JEPA to predict, < 2 ms."""
+    rng = np.random.default_rng([0x1EBA, index])
+    # The colour field is smooth, so compute it on a coarse grid and let Pillow upsample it:
+    # full-resolution float maths would cost several ms per image.
+    coords = np.linspace(0.0, 1.0, 32, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    # Linear gradient between two colours along a random direction, bent by a slow wave.
+    t = coords[None, :] * np.cos(angle) + coords[:, None] * np.sin(angle)
+    t = (t - t.min()) / (t.max() - t.min())
+    freq, phase, tilt = rng.uniform(0.5, 3.0), rng.uniform(0, 2 * np.pi), rng.uniform(-1, 1)
+    wave = np.sin(2 * np.pi * freq * (coords[None, :] + tilt * coords[:, None]) + phase)
+    c0, c1 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    tint = rng.uniform(-40, 40, 3).astype(np.float32)
+    field = c0 + t[..., None] * (c1 - c0) + wave[..., None] * tint
+    coarse = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+    img = coarse.resize((side, side), Image.Resampling.BILINEAR)
+
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        kind = int(rng.integers(3))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x0, y0 = rng.uniform(-0.1, 0.8, 2) * side
+        w, h = rng.uniform(0.1, 0.5, 2) * side
+        if kind == 0:
+            draw.rectangle((x0, y0, x0 + w, y0 + h), fill=color)
+        elif kind == 1:
+            draw.ellipse((x0, y0, x0 + w, y0 + h), fill=color)
+        else:  # a patch of parallel stripes
+            step = int(rng.integers(6, 20))
+            for k in range(0, int(w), step):
+                draw.line((x0 + k, y0, x0 + k + h * 0.3, y0 + h), fill=color, width=step // 2)
+    return np.asarray(img)
+
+
+class FolderSource:
+    """Images under a folder (root/class/*.JPEG or flat), decoded with Pillow to RGB uint8."""
+
+    def __init__(self, root: str):
+        self.root = root
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()  # os.walk order is filesystem order; sort for determinism
+            for name in sorted(filenames):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(os.path.relpath(os.path.join(dirpath, name), root))
+        # Fixed-width bytes pickle compactly: every grain worker gets a copy of this list.
+        self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        path = self.path(index)
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # Fail loudly: silently skipping would change batches and break exact resume.
+            raise ValueError(
+                f"cannot decode image {path!r} ({type(e).__name__}: {e}); "
+                "remove or replace this file and restart"
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"FolderSource(root={self.root!r}, images={len(self)})"
+
+
+def crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop box, torchvision's algorithm."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centred crop whose aspect ratio is within `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+) -> np.ndarray:
+    """Random crop (area in `scale`, aspect in `ratio`) resized bilinearly to size x size uint8."""
+    top, left, h, w = crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+    # Crop first, then resize: resampling with `box=` would blend pixels outside the box.
+    crop = Image.fromarray(image).crop((left, top, left + w, top + h))
+    return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def _crop_example(
+    image: np.ndarray, rng: np.random.Generator, *, size: int, scale: tuple, ratio: tuple
+) -> dict[str, np.ndarray]:
+    return {"images": random_resized_crop(image, size, rng, scale, ratio)}
+
+
+def _make_source(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSource:
+    """The configured random-access source; user mistakes raise one message saying the fix."""
+    source = config.data.source
+    if source == "builtin":
+        return BuiltinSource(int(config.data.builtin_size))
+    if source != "folder":
+        raise ValueError(
+            f"config.data.source={source!r} is not a known source; "
+            f"set it to one of {', '.join(SOURCES)}"
+        )
+    path = config.data.path
+    if not path:
+        raise ValueError(
+            "config.data.source='folder' needs config.data.path; set --config.data.path to an "
+            "image folder (ImageNet layout root/class/*.JPEG, or a flat folder of images)"
+        )
+    path = os.path.expanduser(path)
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(
+            f"config.data.path={path!r} {what}; point it at a folder of images "
+            "(root/class/*.JPEG or flat)"
+        )
+    folder = FolderSource(path)
+    if len(folder) == 0:
+        raise FileNotFoundError(
+            f"no images found under config.data.path={path!r} (looked recursively for files "
+            f"ending in {', '.join(IMAGE_EXTENSIONS)}, any case); add images or fix the path"
+        )
+    return folder
+
+
+def create_dataset(
+    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+    """Infinite, seeded stream of {"images": uint8 [B_local, S, S, 3]} for this process."""
+    if config.batch_size < 1 or config.batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be a positive multiple of the number of "
+            f"processes ({process_count}); set config.batch_size to a multiple of {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if config.data.num_workers < 0:
+        raise ValueError(
+            f"config.data.num_workers={config.data.num_workers} must be >= 0 (0: in-process)"
+        )
+    local_batch = config.batch_size // process_count
+    source = _make_source(config)
+
+    # Each process reads a disjoint strided slice, so hosts never duplicate images.
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < local_batch:
+        fix = (
+            "raise config.data.builtin_size"
+            if config.data.source == "builtin"
+            else "add images to config.data.path"
+        )
+        raise ValueError(
+            f"process {process_index} of {process_count} gets {len(ds)} of {len(source)} images, "
+            f"fewer than its batch of {local_batch} (config.batch_size={config.batch_size}); "
+            f"{fix} or lower config.batch_size"
+        )
+    # Independent seeds per process, so hosts do not draw identical crop boxes in lockstep.
+    shuffle_seed, crop_seed = (
+        int(s) for s in np.random.SeedSequence([config.seed, process_index]).generate_state(2)
+    )
+    crop = functools.partial(
+        _crop_example,
+        size=int(config.model.image_size),
+        scale=tuple(float(s) for s in config.data.crop_scale),
+        ratio=tuple(float(r) for r in config.data.crop_ratio),
+    )
+    # repeat() reseeds shuffle each epoch; random_map's rng depends on the global element index,
+    # so crops differ per epoch too, and every element is reproducible from its index alone.
+    ds = ds.shuffle(seed=shuffle_seed).repeat().random_map(crop, seed=crop_seed)
+    # Batch on the MapDataset: batch k is then the same however many workers build it.
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(_READ_OPTIONS)
+    if config.data.num_workers > 0:
+        # grain's worker start-up reads an absl flag and raises UnparsedFlagAccessError when the
+        # caller never parsed flags (a plain script, a notebook, pytest; google/grain#1355). Under
+        # absl.app flags are already parsed and this does nothing.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return it_ds
+
+
+def create_iterator(
+    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Iterator over `create_dataset`; get_state()/set_state() give exact resume."""
+    return iter(create_dataset(config, process_index=process_index, process_count=process_count))
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 NHWC -> float32 (x/255 - mean)/std; meant to run on device inside the step."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+    return (images.astype(jnp.float32) - mean) / std

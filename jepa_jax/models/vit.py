@@ -1,0 +1,183 @@
+"""Vision Transformer encoder as in I-JEPA: conv patch embed, fixed 2-D sin-cos positions,
+pre-norm blocks, final LayerNorm, no cls token.
+
+Blocks are stored stacked (leading `depth` axis) and run with `lax.scan`, so XLA compiles one
+block per stack instead of `depth` copies: compile time stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jepa_jax.attention import AttentionFn
+
+LN_EPS = 1e-6
+# Every Linear (and the mask token) starts at N(0, 0.02), bias 0, as the release trained.
+dense_init = nnx.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+
+
+SIZES = {
+    "tiny": ViTSize(192, 12, 3, 768),
+    "small": ViTSize(384, 12, 6, 1536),
+    "base": ViTSize(768, 12, 12, 3072),
+    "large": ViTSize(1024, 24, 16, 4096),
+    "huge": ViTSize(1280, 32, 16, 5120),
+    "giant": ViTSize(1408, 40, 16, 6144),
+}
+
+
+@functools.cache
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """[grid_h * grid_w, dim] fixed positions: first half encodes the column, second the row."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+
+    def encode(pos):
+        angles = pos.reshape(-1)[:, None] * freqs[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, kernel_init=dense_init, dtype=dtype, rngs=rngs)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; the math itself is delegated to the seam's `attn_fn`."""
+
+    def __init__(self, dim: int, heads: int, attn_fn: AttentionFn, *, dtype, rngs: nnx.Rngs):
+        self.heads = heads
+        self.attn_fn = attn_fn
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
+        self.proj = _linear(dim, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.unstack(self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads), axis=2)
+        return self.proj(self.attn_fn(q, k, v, kv_lengths=kv_lengths).reshape(b, t, d))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)). Exact (erf) GELU."""
+
+    def __init__(self, dim, heads, mlp_hidden, attn_fn, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, heads, attn_fn, dtype=dtype, rngs=rngs)
+        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
+        self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
+
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.norm1(x), kv_lengths)
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+
+
+class BlockStack(nnx.Module):
+    """`depth` blocks with stacked parameters, applied in order with `lax.scan`."""
+
+    def __init__(self, depth, dim, heads, mlp_hidden, attn_fn, *, dtype, remat, rngs: nnx.Rngs):
+        self.depth = depth
+        self.remat = remat
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(dim, heads, mlp_hidden, attn_fn, dtype=dtype, rngs=rngs)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        graphdef, stacked = nnx.split(self.layers)
+
+        def step(x, layer):
+            return nnx.merge(graphdef, layer)(x, kv_lengths), None
+
+        if self.remat:
+            step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        return jax.lax.scan(step, x, stacked)[0]
+
+
+def _torch_default_conv_init(fan_in: int):
+    """PyTorch's Conv2d default, U(+-1/sqrt(fan_in)): the release kept it for the patch embed."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class VisionTransformer(nnx.Module):
+    """The I-JEPA encoder. `token_idx` [B, K] keeps only those patches (the context)."""
+
+    def __init__(
+        self,
+        size: ViTSize,
+        *,
+        patch_size: int,
+        image_size: int,
+        attn_fn: AttentionFn,
+        dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
+            )
+        self.size = size
+        self.grid = (image_size // patch_size,) * 2
+        self.dtype = dtype
+        fan_in = 3 * patch_size * patch_size
+        self.patch_embed = nnx.Conv(
+            3,
+            size.width,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            kernel_init=_torch_default_conv_init(fan_in),
+            bias_init=_torch_default_conv_init(fan_in),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.blocks = BlockStack(
+            size.depth,
+            size.width,
+            size.heads,
+            size.mlp_hidden,
+            attn_fn,
+            dtype=dtype,
+            remat=remat,
+            rngs=rngs,
+        )
+        self.norm = _layer_norm(size.width, dtype, rngs)
+
+    def __call__(self, images: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+        x = self.patch_embed(images.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = x + jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.dtype)
+        if token_idx is not None:
+            x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
+        return self.norm(self.blocks(x))

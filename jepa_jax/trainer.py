@@ -1,0 +1,185 @@
+"""I-JEPA training: the state, the pure step, and the loop that feeds it and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jepa_jax import attention as attention_lib
+from jepa_jax import data, masks, models, optim, sharding
+from jepa_jax.configuration import validate
+
+TARGET_LN_EPS = 1e-5
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # {"encoder": ..., "predictor": ...}, float32, trained
+    target: dict  # EMA copy of params["encoder"], never differentiated
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """The static half of the models (structure + attention fn); params travel separately."""
+
+    encoder: nnx.GraphDef
+    predictor: nnx.GraphDef
+    attention: attention_lib.Choice
+    layer_counts: dict
+
+
+def target_features(net: Networks, target_params, batch) -> jax.Array:
+    """[B, M, Kt, D] targets: EMA encoder on the full image, LayerNorm without affine, gather."""
+    h = nnx.merge(net.encoder, target_params)(data.normalize(batch["images"]))
+    h = h.astype(jnp.float32)
+    mean = h.mean(-1, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(h.var(-1, keepdims=True) + TARGET_LN_EPS)
+    b, m, kt = batch["target_idx"].shape
+    idx = batch["target_idx"].reshape(b, m * kt, 1)
+    return jnp.take_along_axis(h, idx, axis=1).reshape(b, m, kt, -1)
+
+
+def prediction_loss(params, net: Networks, batch, targets: jax.Array) -> jax.Array:
+    """Huber (delta 1, = smooth L1 beta 1) mean over the real target tokens and features."""
+    encoder = nnx.merge(net.encoder, params["encoder"])
+    predictor = nnx.merge(net.predictor, params["predictor"])
+    context = encoder(data.normalize(batch["images"]), batch["context_idx"])
+    pred = predictor(context, batch["context_idx"], batch["target_idx"], batch["target_len"])
+    kt = batch["target_idx"].shape[-1]
+    real = (jnp.arange(kt) < batch["target_len"][..., None])[..., None]
+    # where, not multiply: garbage in padded rows must not leak into the mean or its gradient.
+    err = jnp.where(real, optax.huber_loss(pred.astype(jnp.float32), targets, delta=1.0), 0.0)
+    return err.sum() / (real.sum() * targets.shape[-1])
+
+
+def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Schedules):
+    """One I-JEPA step: predict EMA targets, AdamW on the online nets, EMA the target encoder."""
+    targets = jax.lax.stop_gradient(target_features(net, state.target, batch))
+    loss, grads = jax.value_and_grad(prediction_loss)(state.params, net, batch, targets)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    momentum = sched.momentum(state.step)
+    target = optim.ema_update(state.target, params["encoder"], momentum)
+    metrics = {
+        "loss": loss,
+        "lr": sched.lr(state.step),
+        "wd": sched.wd(state.step),
+        "momentum": momentum,
+        "grad_norm": optax.global_norm(grads),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, target=target, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformation]:
+    """Resolve attention, then create the state directly sharded over the mesh."""
+    m = config.model
+    choice = models.resolve_attention(models.SIZES[m.variant], m.pred_dim, m.attention, m.dtype)
+
+    def create_networks():
+        ijepa = models.from_config(m, seed=config.seed, attention=choice)
+        return ijepa.encoder, ijepa.predictor
+
+    def init_params():
+        encoder, predictor = create_networks()
+        return {
+            "encoder": nnx.state(encoder).to_pure_dict(),
+            "predictor": nnx.state(predictor).to_pure_dict(),
+        }
+
+    # Structure from an abstract trace: no parameter memory until the sharded init below.
+    encoder, predictor = nnx.eval_shape(create_networks)
+    tx = optim.optimizer(config, jax.eval_shape(init_params))
+
+    def init_state():
+        params = init_params()
+        target = jax.tree.map(jnp.copy, params["encoder"])
+        return TrainState(jnp.zeros((), jnp.int32), params, target, tx.init(params))
+
+    shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state))
+    state = jax.jit(init_state, out_shardings=shardings)()
+    counts = models.layer_counts(encoder, predictor)
+    return Networks(nnx.graphdef(encoder), nnx.graphdef(predictor), choice, counts), state, tx
+
+
+def compile_step(config, net: Networks, tx, mesh, state: TrainState):
+    """The step, jitted once with state/batch shardings and the old state's buffers donated."""
+    step = functools.partial(train_step, net=net, tx=tx, sched=optim.schedules(config))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+class MetricsWriter:
+    """Prints a concise line and appends JSON lines to WORKDIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"step {step}: {shown}", flush=True)
+
+
+def local_batch(config, spec: masks.MaskSpec, images: np.ndarray, step: int) -> dict:
+    """This host's images plus masks drawn from (seed, step, process): same on every rerun."""
+    rng = masks.mask_rng(config.seed, step, jax.process_index())
+    return {"images": images, **masks.sample_masks(spec, images.shape[0], rng)}
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Pretrain for config.total_steps; metrics every config.log_every steps. Returns the state."""
+    validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    if config.batch_size % mesh.size:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} does not divide over {mesh.size} devices; "
+            f"use a multiple of {mesh.size}"
+        )
+    net, state, tx = build(config, mesh)
+    attention_lib.log_startup(net.attention, net.layer_counts)
+    spec = masks.mask_spec(config)
+    batches = data.create_iterator(
+        config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    step_fn = compile_step(config, net, tx, mesh, state)
+    writer = MetricsWriter(workdir)
+
+    first = int(state.step)
+    last_time, last_step = time.perf_counter(), first
+    for step in range(first, config.total_steps):
+        batch = local_batch(config, spec, next(batches)["images"], step)
+        state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+        done = step + 1
+        if done % config.log_every == 0 or done == config.total_steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            metrics["img_per_s"] = (done - last_step) * config.batch_size / (now - last_time)
+            last_time, last_step = now, done
+            writer.write(done, metrics)
+    return state
