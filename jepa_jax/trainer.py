@@ -77,7 +77,7 @@ def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Sche
         "lr": sched.lr(state.step),
         "wd": sched.wd(state.step),
         "momentum": momentum,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(
         step=state.step + 1, params=params, target=target, opt_state=opt_state
@@ -97,8 +97,8 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     def init_params():
         encoder, predictor = create_networks()
         return {
-            "encoder": nnx.state(encoder).to_pure_dict(),
-            "predictor": nnx.state(predictor).to_pure_dict(),
+            "encoder": nnx.to_pure_dict(nnx.state(encoder)),
+            "predictor": nnx.to_pure_dict(nnx.state(predictor)),
         }
 
     # Structure from an abstract trace: no parameter memory until the sharded init below.
@@ -172,14 +172,17 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     first = int(state.step)
     last_time, last_step = time.perf_counter(), first
-    for step in range(first, config.total_steps):
-        batch = local_batch(config, spec, next(batches)["images"], step)
-        state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
-        done = step + 1
-        if done % config.log_every == 0 or done == config.total_steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            metrics["img_per_s"] = (done - last_step) * config.batch_size / (now - last_time)
-            last_time, last_step = now, done
-            writer.write(done, metrics)
+    try:
+        for step in range(first, config.total_steps):
+            batch = local_batch(config, spec, next(batches)["images"], step)
+            state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.total_steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                metrics["img_per_s"] = (done - last_step) * config.batch_size / (now - last_time)
+                last_time, last_step = now, done
+                writer.write(done, metrics)
+    finally:
+        batches.close()  # stops grain's worker processes
     return state

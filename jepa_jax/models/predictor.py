@@ -53,7 +53,7 @@ class Predictor(nnx.Module):
         pos = jnp.asarray(sincos_pos_embed(self.embed.out_features, *self.grid), self.dtype)
         x = self.embed(context) + pos[context_idx]
         x = jnp.repeat(x, m, axis=0)  # [B*M, Kc, Dp], block-major within each image
-        queries = self.mask_token.value.astype(self.dtype) + pos[target_idx.reshape(b * m, kt)]
+        queries = self.mask_token[...].astype(self.dtype) + pos[target_idx.reshape(b * m, kt)]
         seq = jnp.concatenate([x, queries], axis=1)
         seq = self.blocks(seq, kv_lengths=kc + target_len.reshape(b * m).astype(jnp.int32))
         out = self.proj(self.norm(seq[:, kc:]))

@@ -1,0 +1,131 @@
+"""Benchmarks: each mode writes its JSON and table; FLOPs match a hand count; the batch search."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jepa_jax import bench, masks
+
+# Subprocesses inherit the environment: few devices and no LLVM optimisation keep each child's
+# compile to seconds on a CPU (the numbers measured are meaningless here, only their plumbing).
+CHILD_XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
+
+
+def _rows(result: dict) -> dict:
+    return {row["impl"]: row for row in result["rows"]}
+
+
+def test_attention_mode(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    argv = ["attention", "--impls", "reference,xla,cudnn", "--shapes", "2x17x2x8"]
+    bench.main([*argv, "--dtype", "float32", "--reps", "3", "--kv-lengths", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = _rows(result)
+    for impl in ("reference", "xla"):
+        row = rows[impl]
+        assert row["status"] == "ok", row
+        assert row["shape"] == [2, 17, 2, 8]
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_bwd_tflops"] > 0
+        assert row["rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-5
+    assert rows["cudnn"]["status"] == "unavailable" and rows["cudnn"]["reason"]
+    assert result["ratios"] == {"2x17x2x8": {}}  # cudnn did not run
+    assert capsys.readouterr().out.splitlines()[-4].split()[:2] == ["impl", "shape"]
+
+
+def test_attention_flops():
+    assert bench.attention_flops((2, 10, 3, 8)) == 4 * 2 * 3 * 10 * 10 * 8
+    assert bench.attention_flops((2, 10, 3, 8), backward=True) == 3.5 * 4 * 2 * 3 * 10 * 10 * 8
+
+
+def test_flops_per_image_by_hand():
+    config = bench.load_config("tiny")  # ViT-tiny: width 192, depth 12, MLP 768; 6x6 patches
+    spec = dataclasses.replace(masks.mask_spec(config), num_context=10, max_target=6)
+    assert (spec.grid, spec.num_targets, config.model.pred_depth) == ((6, 6), 4, 2)
+
+    def block(t, d, f):  # 2 FLOPs per weight per token, plus Q.K^T and P.V over t x t
+        weights = d * 3 * d + d * d + 2 * d * f
+        return 2 * t * weights + 2 * 2 * t * t * d
+
+    embed = 2 * 36 * 192 * (3 * 16 * 16)
+    target = embed + 12 * block(36, 192, 768)
+    context = 2 * embed + 3 * 12 * block(10, 192, 768)
+    predictor = 2 * 10 * 192 * 192 + 4 * (2 * block(16, 192, 768) + 2 * 6 * 192 * 192)
+    assert bench.flops_per_image(config, spec) == target + context + 3 * predictor
+    assert bench.flops_per_image(config, spec, target_tokens=3) < target + context + 3 * predictor
+
+
+def test_load_config_overrides():
+    config = bench.load_config("tiny", ["model.remat=True", "model.attention=xla"])
+    assert config.model.remat is True and config.model.attention == "xla"
+    with pytest.raises(ValueError, match="no_such"):
+        bench.load_config("tiny", ["model.no_such=1"])
+
+
+def test_train_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(2))
+    out = tmp_path / "train.json"
+    argv = [
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        "model.dtype=float32",
+        "--impls",
+        "reference,cudnn",
+    ]
+    bench.main(
+        [*argv, "--per-device-batch", "1", "--steps", "3", "--warmup", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    row = _rows(result)["reference"]
+    assert row["status"] == "ok", row
+    assert row["global_batch"] == 2 and result["env"]["devices"] == 2
+    assert row["img_per_s"] > 0 and row["flops_per_image"] > 0 and row["compile_s"] > 0
+    assert row["useful_flops_per_image"] <= row["flops_per_image"]
+    assert row["xla_memory"]["total_bytes"] > 0 and 0 < row["mfu"] < 1
+    cudnn = _rows(result)["cudnn"]
+    assert cudnn["status"] == "unavailable" and "cudnn" in cudnn["reason"]
+
+
+def test_max_batch_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(1))
+    out = tmp_path / "max.json"
+    argv = ["max-batch", "--config", "tiny", "--set", "model.dtype=float32", "--impls", "xla"]
+    bench.main([*argv, "--start", "1", "--max-tries", "1", "--out", str(out)])
+    row = _rows(json.loads(out.read_text()))["xla"]
+    assert row["max_per_device_batch"] == 1 and row["global_batch"] == 1
+    assert row["status"] == "ok" and not row["resolved"]  # the cap ended it, no OOM on a CPU
+
+
+def _fake_spawn(limit: int, broken: int | None = None):
+    """A child that runs up to `limit` per device, OOMs above it, and fails at `broken`."""
+
+    def spawn(args, impl, per_device_batch, steps, warmup):
+        status = "ok" if per_device_batch <= limit else "oom"
+        if per_device_batch == broken:
+            status = "error"
+        row = {"impl": impl, "per_device_batch": per_device_batch, "status": status}
+        return {"env": {"devices": 4}, "row": {**row, "reason": None if status == "ok" else "x"}}
+
+    return spawn
+
+
+def test_max_batch_search_grows_then_bisects(monkeypatch):
+    monkeypatch.setattr(bench, "_spawn", _fake_spawn(limit=100))
+    args = bench.parse_args(["max-batch", "--start", "16", "--max-tries", "10"])
+    row, env = bench.max_batch_one(args, "xla")
+    assert [t["per_device_batch"] for t in row["tries"]] == [16, 32, 64, 128, 96, 112, 104]
+    assert (row["max_per_device_batch"], row["smallest_oom_per_device_batch"]) == (96, 104)
+    assert row["resolved"] and row["status"] == "ok" and row["global_batch"] == 4 * 96
+
+    row, _ = bench.max_batch_one(bench.parse_args(["max-batch", "--start", "256"]), "xla")
+    assert row["tries"][0]["status"] == "oom" and row["max_per_device_batch"] == 96
+    assert len(row["tries"]) <= 7
+
+
+def test_max_batch_search_reports_other_errors(monkeypatch):
+    monkeypatch.setattr(bench, "_spawn", _fake_spawn(limit=100, broken=32))
+    row, _ = bench.max_batch_one(bench.parse_args(["max-batch", "--start", "16"]), "cudnn")
+    assert row["status"] == "error" and row["max_per_device_batch"] == 16
+    assert len(row["tries"]) == 2

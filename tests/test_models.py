@@ -1,0 +1,130 @@
+"""Encoder and predictor: shapes, parameter counts, fixed positions, attention-independence."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jepa_jax import attention, models
+from jepa_jax.models.vit import SIZES, sincos_pos_embed
+
+
+def n_params(module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def expected_encoder_params(size, patch):
+    d, f = size.width, size.mlp_hidden
+    block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    return 3 * patch * patch * d + d + size.depth * block + 2 * d
+
+
+@pytest.mark.parametrize(
+    "variant", ["vit_t16", "vit_s16", "vit_b16", "vit_l16", "vit_h14", "vit_g16"]
+)
+def test_parameter_counts(variant):
+    size_name, patch, _ = models.parse(variant)
+    choice = attention.Choice("reference", "reference")
+    m = nnx.eval_shape(
+        lambda: (
+            models.build(
+                SIZES[size_name],
+                patch_size=patch,
+                image_size=224,
+                pred_depth=models.PRED_DEPTH[size_name],
+                pred_dim=384,
+                attention=choice,
+                dtype="float32",
+                remat=False,
+                seed=0,
+            ).encoder
+        )
+    )
+    assert n_params(m) == expected_encoder_params(SIZES[size_name], patch)
+    if variant == "vit_h14":
+        assert 629e6 < n_params(m) < 632e6  # the released ViT-H/14 encoder: about 630M
+
+
+def test_sincos_positions_match_formula():
+    d, gh, gw = 16, 3, 5
+    pos = sincos_pos_embed(d, gh, gw)
+    for r in range(gh):
+        for c in range(gw):
+            for i in range(d // 4):
+                w = 1 / 10000 ** (i / (d / 4))
+                row = pos[r * gw + c]
+                np.testing.assert_allclose(row[i], math.sin(c * w), atol=1e-6)
+                np.testing.assert_allclose(row[d // 4 + i], math.cos(c * w), atol=1e-6)
+                np.testing.assert_allclose(row[d // 2 + i], math.sin(r * w), atol=1e-6)
+                np.testing.assert_allclose(row[3 * d // 4 + i], math.cos(r * w), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.create(
+        "vit_t16",
+        attention="reference",
+        image_size=64,
+        pred_depth=2,
+        pred_dim=96,
+        dtype="float32",
+        seed=3,
+    )
+
+
+def test_shapes_and_positions_are_not_params(tiny):
+    images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    assert tiny.encoder(images).shape == (2, 16, 192)
+    ctx_idx = jnp.array([[0, 3, 5, 9], [1, 2, 14, 15]])
+    ctx = tiny.encoder(images, ctx_idx)
+    assert ctx.shape == (2, 4, 192)
+    target_idx = jnp.zeros((2, 4, 3), jnp.int32).at[:, :, :2].set(jnp.array([6, 7]))
+    out = tiny.predictor(ctx, ctx_idx, target_idx, jnp.full((2, 4), 2))
+    assert out.shape == (2, 4, 3, 192)
+    state = nnx.to_pure_dict(nnx.state(tiny.encoder, nnx.Param))
+    names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert "pos_embed" not in names and names <= {"kernel", "bias", "scale"}
+
+
+def test_predictor_ignores_padding(tiny):
+    """Whatever sits in padded target slots, the real targets' predictions do not change."""
+    rng = np.random.default_rng()
+    images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
+    ctx_idx = jnp.asarray(np.sort(rng.permutation(16)[:5]).reshape(1, 5).repeat(2, 0))
+    ctx = tiny.encoder(images, ctx_idx)
+    lengths = jnp.array([[2, 3, 1, 3], [3, 3, 3, 2]])
+    base = jnp.asarray(rng.integers(0, 16, (2, 4, 3)))
+    other = jnp.asarray(rng.integers(0, 16, (2, 4, 3)))
+    real = jnp.arange(3) < lengths[..., None]
+    swapped = jnp.where(real, base, other)
+    a = tiny.predictor(ctx, ctx_idx, base, lengths)
+    b = tiny.predictor(ctx, ctx_idx, swapped, lengths)
+    np.testing.assert_allclose(a * real[..., None], b * real[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_choice_never_changes_params():
+    kw = dict(image_size=32, pred_depth=1, pred_dim=96, dtype="float32", seed=7)
+    a = models.create("vit_t16", attention="reference", **kw)
+    b = models.create("vit_t16", attention="xla", **kw)
+    for x, y in zip(
+        jax.tree.leaves(nnx.state(a.encoder)), jax.tree.leaves(nnx.state(b.encoder)), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(
+        jax.tree.leaves(nnx.state(a.encoder)),
+        jax.tree.leaves(nnx.state(a.target_encoder)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(x, y)  # the target starts as an exact copy
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    np.testing.assert_allclose(a.encoder(images), b.encoder(images), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_variant_names_the_choices():
+    with pytest.raises(ValueError, match="vit_b16"):
+        models.parse("vit_x16")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        models.create("vit_t16", image_size=50)

@@ -1,0 +1,100 @@
+"""Training end to end on the tiny preset: it learns, compiles once, and train.py works."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs.default import get_config
+from jepa_jax import data, masks, sharding, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_decreases_on_tiny(tmp_path):
+    config = get_config("tiny")
+    config.total_steps, config.log_every, config.optim.warmup_steps = 30, 1, 0
+    state = trainer.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 30
+    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+    row = read_metrics(tmp_path)[-1]
+    assert set(row) >= {"step", "loss", "lr", "wd", "momentum", "grad_norm", "img_per_s"}
+
+
+def test_step_compiles_once_over_varying_masks():
+    config = get_config("tiny")
+    mesh = sharding.make_mesh(config.mesh)
+    net, state, tx = trainer.build(config, mesh)
+    step_fn = trainer.compile_step(config, net, tx, mesh, state)
+    spec = masks.mask_spec(config)
+    batches = data.create_iterator(config)
+    sizes = set()
+    for step in range(20):
+        batch = trainer.local_batch(config, spec, next(batches)["images"], step)
+        sizes.add(tuple(batch["target_len"][0]))
+        state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+    jax.block_until_ready(metrics)
+    assert len(sizes) > 1, "masks should vary between steps"
+    assert step_fn._cache_size() == 1
+
+
+def run_train(workdir, *overrides):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config=configs/default.py:tiny",
+        f"--workdir={workdir}",
+        "--config.total_steps=3",
+        "--config.log_every=1",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "auto"])
+def test_train_py_end_to_end(tmp_path, impl):
+    result = run_train(tmp_path, f"--config.model.attention={impl}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [
+        ln
+        for ln in result.stdout.splitlines()
+        if ln.removeprefix("Warning: ").startswith("Attention:")
+    ]
+    assert len(lines) == 1, result.stdout
+    expected = impl if impl != "auto" or jax.default_backend() != "cpu" else "reference"
+    assert f"Attention: {expected} in 26 attention layers" in lines[0]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.attention=flash", "config.model.attention='flash'"),
+        ("--config.model.image_size=100", "config.model.image_size=100"),
+        ("--config.mesh.fsdp=3", "config.mesh.data=-1 x config.mesh.fsdp=3"),
+    ],
+)
+def test_bad_config_stops_with_a_clear_message(tmp_path, override, message):
+    result = run_train(tmp_path, override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_explicit_cudnn_without_gpu_says_why(tmp_path):
+    if jax.default_backend() == "gpu":
+        pytest.skip("CPU behaviour")
+    result = run_train(tmp_path, "--config.model.attention=cudnn")
+    assert result.returncode != 0
+    assert "config.model.attention=cudnn cannot run here: no CUDA GPU" in result.stderr
