@@ -3,15 +3,26 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from jepa_jax import trainer
+from jepa_jax import sharding, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py:tiny", "Config file and preset.")
 flags.DEFINE_string("workdir", None, "Where metrics (and checkpoints) are written.", required=True)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-host runs "
+    "outside SLURM / Open MPI (which are detected by themselves).",
+)
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run (with coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 
 
 def main(argv):
     del argv
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

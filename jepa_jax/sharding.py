@@ -7,11 +7,32 @@ cuDNN attention's partitioning rules are written for them.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def is_multiprocess_env(env=os.environ) -> bool:
+    """True when the launcher says this is one process of several (SLURM, Open MPI, explicit)."""
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes=None, process_id=None):
+    """Join a multi-process run when asked to or when the environment describes one.
+
+    jax.distributed reads SLURM / Open MPI variables itself; explicit values win over them.
+    Must run before anything touches the devices.
+    """
+    if coordinator or is_multiprocess_env():
+        jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

@@ -20,3 +20,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def run_steps():
+    """Train `n` steps with the trainer's own pieces; returns (state, step_fn, per-step metrics)."""
+    import jax
+
+    from jepa_jax import data, masks, sharding, trainer
+
+    def run(config, mesh, n):
+        net, state, tx = trainer.build(config, mesh)
+        step_fn = trainer.compile_step(config, net, tx, mesh, state)
+        spec = masks.mask_spec(config)
+        batches = data.create_iterator(config)
+        history = []
+        for step in range(n):
+            batch = trainer.local_batch(config, spec, next(batches)["images"], step)
+            state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+            history.append(metrics)
+        batches.close()
+        return state, step_fn, jax.device_get(history)
+
+    return run
