@@ -1,6 +1,6 @@
 """Pretrain I-JEPA: `python train.py --config=configs/default.py:tiny --workdir=/tmp/ijepa`."""
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jepa_jax import sharding, trainer
@@ -20,6 +20,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines off the console
     sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
