@@ -3,13 +3,20 @@
 import dataclasses
 import json
 
+import jax
 import pytest
 
 from jepa_jax import bench, masks
 
+ON_CPU = jax.default_backend() == "cpu"
 # Subprocesses inherit the environment: few devices and no LLVM optimisation keep each child's
 # compile to seconds on a CPU (the numbers measured are meaningless here, only their plumbing).
 CHILD_XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
+
+
+# The pytest process has already started JAX's backend (conftest asks for it); on a GPU that
+# reserves most of its memory, starving the subprocesses these modes measure in.
+cpu_only = pytest.mark.skipif(not ON_CPU, reason="pytest's own process holds the GPU's memory")
 
 
 def _rows(result: dict) -> dict:
@@ -27,7 +34,8 @@ def test_attention_mode(tmp_path, capsys):
         assert row["status"] == "ok", row
         assert row["shape"] == [2, 17, 2, 8]
         assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_bwd_tflops"] > 0
-        assert row["rel_err"] < 1e-5 and row["grad_rel_err"] < 1e-5
+        tolerance = 1e-5 if ON_CPU else 1e-2  # GPUs run float32 matmuls as TF32 by default
+        assert row["rel_err"] < tolerance and row["grad_rel_err"] < tolerance
     assert rows["cudnn"]["status"] == "unavailable" and rows["cudnn"]["reason"]
     assert result["ratios"] == {"2x17x2x8": {}}  # cudnn did not run
     assert capsys.readouterr().out.splitlines()[-4].split()[:2] == ["impl", "shape"]
@@ -62,6 +70,7 @@ def test_load_config_overrides():
         bench.load_config("tiny", ["model.no_such=1"])
 
 
+@cpu_only
 def test_train_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(2))
     out = tmp_path / "train.json"
@@ -88,6 +97,7 @@ def test_train_mode(tmp_path, monkeypatch):
     assert cudnn["status"] == "unavailable" and "cudnn" in cudnn["reason"]
 
 
+@cpu_only
 def test_max_batch_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(1))
     out = tmp_path / "max.json"
