@@ -35,8 +35,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size = batch  # GLOBAL batch over all devices and hosts
     c.total_steps = epochs * steps_per_epoch if not tiny else 30  # optimizer steps of the run
     c.log_every = 10 if tiny else 100  # steps between metric fetches (stdout + metrics.jsonl)
-    c.checkpoint_every = 1000  # steps between checkpoints (0: only at the end)
-    c.keep_checkpoints = 3  # how many recent checkpoints to keep
+    # Steps between checkpoints in WORKDIR/checkpoints (0: only at the end). SIGTERM/SIGINT also
+    # save; rerunning the same command resumes exactly from the latest one.
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3  # how many recent checkpoints to keep (>= 1)
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = variant  # encoder size: tiny, small, base, large, huge, giant

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
-from jepa_jax import data, masks, models, optim, sharding
+from jepa_jax import checkpoint, data, masks, models, optim, sharding
 from jepa_jax.configuration import validate
 
 TARGET_LN_EPS = 1e-5
@@ -145,6 +145,25 @@ class MetricsWriter:
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"step {step}: {shown}", flush=True)
 
+    def truncate(self, step: int) -> None:
+        """Keep only rows up to `step`, the run's restart point: every step is then logged once."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash mid-write
+        if len(keep) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file
+
 
 def local_batch(config, spec: masks.MaskSpec, images: np.ndarray, step: int) -> dict:
     """This host's images plus masks drawn from (seed, step, process): same on every rerun."""
@@ -153,7 +172,11 @@ def local_batch(config, spec: masks.MaskSpec, images: np.ndarray, step: int) -> 
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Pretrain for config.total_steps; metrics every config.log_every steps. Returns the state."""
+    """Pretrain for config.total_steps, resuming from WORKDIR/checkpoints if there is one.
+
+    Metrics every config.log_every steps; checkpoints every config.checkpoint_every steps, at the
+    end, and on SIGTERM/SIGINT (finish the step, save, return). Returns the state.
+    """
     validate(config)
     mesh = sharding.make_mesh(config.mesh)
     if config.batch_size % mesh.size:
@@ -161,28 +184,52 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             f"config.batch_size={config.batch_size} does not divide over {mesh.size} devices; "
             f"use a multiple of {mesh.size}"
         )
+    ckpt = checkpoint.Checkpointer(workdir, config)  # raises now if it cannot resume
     net, state, tx = build(config, mesh)
     attention_lib.log_startup(net.attention, net.layer_counts)
     spec = masks.mask_spec(config)
     batches = data.create_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    step_fn = compile_step(config, net, tx, mesh, state)
     writer = MetricsWriter(workdir)
+    if ckpt.latest_step is not None:
+        target = checkpoint.restore_target(state, mesh)
+        state = None  # free the fresh init before reading: peak memory stays one state
+        state = ckpt.restore(target, batches)
+        if jax.process_index() == 0:
+            print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
+    first = ckpt.latest_step or 0
+    writer.truncate(first)  # rows past the checkpoint are re-logged by this run
+    step_fn = compile_step(config, net, tx, mesh, state)
 
-    first = int(state.step)
     last_time, last_step = time.perf_counter(), first
-    try:
-        for step in range(first, config.total_steps):
-            batch = local_batch(config, spec, next(batches)["images"], step)
-            state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
-            done = step + 1
-            if done % config.log_every == 0 or done == config.total_steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                metrics["img_per_s"] = (done - last_step) * config.batch_size / (now - last_time)
-                last_time, last_step = now, done
-                writer.write(done, metrics)
-    finally:
-        batches.close()  # stops grain's worker processes
+    stopped = None
+    with checkpoint.StopSignals() as stop:
+        try:
+            for step in range(first, config.total_steps):
+                batch = local_batch(config, spec, next(batches)["images"], step)
+                state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+                done = step + 1
+                if done % config.log_every == 0 or done == config.total_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    metrics["img_per_s"] = (
+                        (done - last_step) * config.batch_size / (now - last_time)
+                    )
+                    last_time, last_step = now, done
+                    writer.write(done, metrics)
+                stopped = stop.received or ckpt.reached_preemption(done) and "preemption"
+                if stopped or ckpt.due(done):
+                    ckpt.save(done, state, batches)
+                if stopped:
+                    break
+        finally:
+            ckpt.close()  # waits until pending saves are finalised
+            batches.close()  # stops grain's worker processes
+    if stopped and jax.process_index() == 0:
+        print(
+            f"Stopped by {stopped} after step {done}; saved {ckpt.path(done)}. "
+            "Rerun the same command to resume.",
+            flush=True,
+        )
     return state

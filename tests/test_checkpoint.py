@@ -1,0 +1,249 @@
+"""Checkpoints: exact resume after preemption or a hard kill, other meshes, load_encoder, errors.
+
+Every train.py run shares one persistent compilation cache, so only the first one compiles.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.default import get_config
+from jepa_jax import checkpoint, data, sharding, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY, KEEP = 6, 2, 2
+
+
+def tiny_config(**mesh):
+    config = get_config("tiny")
+    config.total_steps, config.checkpoint_every, config.keep_checkpoints = STEPS, EVERY, KEEP
+    config.log_every = 1
+    config.mesh.update(mesh)
+    return config
+
+
+def start_train(workdir, env, stdout=subprocess.PIPE) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config=configs/default.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.total_steps={STEPS}",
+        f"--config.checkpoint_every={EVERY}",
+        f"--config.keep_checkpoints={KEEP}",
+        "--config.log_every=1",
+    ]
+    # stderr to a file: a pipe nobody reads could fill up and block the run.
+    with open(os.path.join(workdir, "stderr.txt"), "a") as stderr:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def networks_and_target(config, mesh):
+    """The training Networks and the state's abstract arrays on `mesh`, without allocating."""
+    box = {}
+
+    def make_state():
+        box["net"], state, _ = trainer.build(config, mesh)
+        return state
+
+    shapes = jax.eval_shape(make_state)
+    return box["net"], checkpoint.restore_target(shapes, mesh)
+
+
+def read_state(workdir, config, mesh):
+    _, target = networks_and_target(config, mesh)
+    return checkpoint.Checkpointer(workdir, config).restore(target)
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+
+
+def copy_checkpoint(reference, workdir, step=STEPS):
+    shutil.copytree(
+        os.path.join(reference, "checkpoints", str(step)),
+        os.path.join(workdir, "checkpoints", str(step)),
+    )
+
+
+def listing(path):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return {
+        **os.environ,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """An uninterrupted train.py run (it also fills the compilation cache)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = start_train(workdir, env)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, open(workdir / "stderr.txt").read()[-3000:]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]  # keep_checkpoints=2
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def reference_state(reference):
+    config = tiny_config()
+    return read_state(reference, config, sharding.make_mesh(config.mesh))
+
+
+def test_hard_kill_then_sigterm_then_resume_equals_uninterrupted(
+    tmp_path, env, reference, reference_state
+):
+    # 1. SIGKILL as soon as the step-2 checkpoint is finalised (orbax renames it into place).
+    with open(tmp_path / "run1.txt", "w") as log:
+        proc = start_train(tmp_path, env, stdout=log)
+    deadline = time.time() + 300
+    while not os.path.isdir(tmp_path / "checkpoints" / "2") and time.time() < deadline:
+        assert proc.poll() is None, open(tmp_path / "stderr.txt").read()[-3000:]
+        time.sleep(0.02)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert killed_at < STEPS
+
+    # 2. Rerun; SIGTERM once it logs a step: it finishes that step, saves it, and exits 0.
+    proc = start_train(tmp_path, env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert f"Resumed from step {killed_at}" in out
+    stopped = [ln for ln in out.splitlines() if ln.startswith("Stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, out
+    stopped_at = int(stopped[0].split()[5].rstrip(";"))
+    assert killed_at < stopped_at
+    assert os.path.isdir(tmp_path / "checkpoints" / str(stopped_at))
+
+    # 3. Rerun to the end: the same parameters, optimizer state and losses as never stopping.
+    proc = start_train(tmp_path, env)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert f"Resumed from step {stopped_at}" in out
+    config = tiny_config()
+    state = read_state(str(tmp_path), config, sharding.make_mesh(config.mesh))
+    assert int(state.step) == STEPS
+    assert_trees_equal(state, reference_state)
+    metrics, expected = read_metrics(tmp_path), read_metrics(reference)
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # each step logged once
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in expected], rel=1e-6)
+
+
+def test_restore_on_one_device(reference, reference_state):
+    config = tiny_config(data=1, fsdp=1)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    state = read_state(reference, config, mesh)
+    assert {d for x in jax.tree.leaves(state) for d in x.devices()} == {jax.devices()[0]}
+    assert_trees_equal(state, reference_state)
+
+
+def test_resume_on_other_mesh_and_attention(tmp_path, reference, reference_state):
+    copy_checkpoint(reference, tmp_path)
+    config = tiny_config(data=2, fsdp=4)
+    config.model.attention = "xla"  # saved under auto (reference on CPU): weights do not care
+    state = trainer.train_and_evaluate(config, str(tmp_path))  # already at the end: restores
+    kernel = state.params["encoder"]["blocks"]["layers"]["fc1"]["kernel"]
+    assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4}
+    assert "fsdp" in kernel.sharding.spec
+    assert_trees_equal(state, reference_state)
+
+
+def test_load_encoder_matches_training_encoder(reference, reference_state, capsys):
+    config = tiny_config()
+    net, _ = networks_and_target(config, sharding.make_mesh(config.mesh))
+    images = next(data.create_iterator(config))["images"][:2]
+    x = data.normalize(jax.device_put(images, jax.devices()[0]))
+    step_dir = os.path.join(reference, "checkpoints", str(STEPS))
+    for which, path, params in [
+        ("target", reference, reference_state.target),
+        ("context", step_dir, reference_state.params["encoder"]),
+    ]:
+        encoder, loaded_config = checkpoint.load_encoder(path, which)
+        assert loaded_config.model.to_dict() == config.model.to_dict()
+        # The trainer's own encoder (net.encoder as in target_features), on the same device.
+        params = jax.device_put(params, jax.devices()[0])
+        expected = nnx.merge(net.encoder, params)(x)
+        got = encoder(x)
+        assert got.shape == (2, (96 // 16) ** 2, 192)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+    out = capsys.readouterr().out
+    loaded = "Loaded the target (EMA) encoder (tiny, patch 16, 96px, attention reference)"
+    assert f"{loaded} from {step_dir}" in out
+    assert "Loaded the context encoder" in out
+
+
+def test_incompatible_config_names_the_fields(tmp_path, reference):
+    copy_checkpoint(reference, tmp_path)
+    before = listing(tmp_path)
+    config = tiny_config()
+    config.model.variant, config.model.pred_depth = "small", 3
+    config.data.num_workers = 2  # grain's saved position is per worker
+    config.model.attention, config.model.dtype = "xla", "float32"  # compatible: not named
+    with pytest.raises(ValueError) as e:
+        trainer.train_and_evaluate(config, str(tmp_path))
+    message = str(e.value)
+    assert "config.model.variant='small' but the checkpoint has 'tiny'" in message
+    assert "config.model.pred_depth=3 but the checkpoint has 2" in message
+    assert "config.data.num_workers=2 but the checkpoint has 0" in message
+    assert "attention" not in message and "dtype" not in message
+    assert listing(tmp_path) == before
+
+
+def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path, reference):
+    copy_checkpoint(reference, tmp_path)
+    step_dir = os.path.join(tmp_path, "checkpoints", str(STEPS))
+    # (Truncated array files give the same message, but orbax then leaves never-awaited reads
+    # whose tracebacks pytest prints at exit.)
+    with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+        f.write("{not json")
+    before = listing(tmp_path)
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    for load in (
+        lambda: read_state(str(tmp_path), config, mesh),
+        lambda: checkpoint.load_encoder(str(tmp_path)),
+    ):
+        with pytest.raises(RuntimeError) as e:
+            load()
+        assert f"cannot read the checkpoint at {step_dir}" in str(e.value)
+        assert "delete that step folder" in str(e.value)
+    assert listing(tmp_path) == before  # a failed restore deletes nothing
+
+    with open(os.path.join(step_dir, "config", "metadata"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(RuntimeError, match="cannot read the checkpoint at"):
+        checkpoint.Checkpointer(str(tmp_path), config)
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing"):
+        checkpoint.load_encoder(str(tmp_path / "missing"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint under"):
+        checkpoint.load_encoder(str(tmp_path / "empty"))
