@@ -39,6 +39,7 @@ def test_parameter_counts(variant):
                 attention=choice,
                 dtype="float32",
                 remat=False,
+                scan_layers=True,
                 seed=0,
             ).encoder
         )
@@ -128,3 +129,13 @@ def test_bad_variant_names_the_choices():
         models.parse("vit_x16")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         models.create("vit_t16", image_size=50)
+
+
+def test_scanned_and_unrolled_layers_compute_the_same():
+    kw = dict(image_size=32, pred_depth=2, pred_dim=96, dtype="float32", seed=5)
+    scanned = models.create("vit_t16", attention="reference", scan_layers=True, **kw)
+    unrolled = models.create("vit_t16", attention="reference", scan_layers=False, **kw)
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    np.testing.assert_allclose(
+        scanned.encoder(images), unrolled.encoder(images), rtol=1e-5, atol=1e-5
+    )

@@ -70,6 +70,7 @@ def create(
     pred_dim: int = 384,
     dtype: str = "bfloat16",
     remat: bool = False,
+    scan_layers: bool = False,
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor, all calling one attention fn."""
@@ -83,6 +84,7 @@ def create(
         attention=resolve_attention(SIZES[size_name], pred_dim, attention, dtype),
         dtype=dtype,
         remat=remat,
+        scan_layers=scan_layers,
         seed=seed,
     )
 
@@ -110,6 +112,7 @@ def from_config(
         ),
         dtype=model_config.dtype,
         remat=model_config.remat,
+        scan_layers=model_config.scan_layers,
         seed=seed,
     )
 
@@ -134,11 +137,14 @@ def build(
     attention: attention_lib.Choice,
     dtype: str,
     remat: bool,
+    scan_layers: bool,
     seed: int,
 ) -> IJEPA:
     """The three networks, every attention layer calling `attention`'s implementation."""
     rngs = nnx.Rngs(seed)
-    common = dict(attn_fn=attention.fn, dtype=jnp.dtype(dtype), remat=remat, rngs=rngs)
+    common = dict(
+        attn_fn=attention.fn, dtype=jnp.dtype(dtype), remat=remat, scan=scan_layers, rngs=rngs
+    )
     encoder = VisionTransformer(size, patch_size=patch_size, image_size=image_size, **common)
     predictor = Predictor(
         embed_dim=size.width,

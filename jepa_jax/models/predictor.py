@@ -29,6 +29,7 @@ class Predictor(nnx.Module):
         attn_fn: AttentionFn,
         dtype=jnp.float32,
         remat: bool = False,
+        scan: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
@@ -36,7 +37,15 @@ class Predictor(nnx.Module):
         self.embed = _linear(embed_dim, pred_dim, dtype, rngs)
         self.mask_token = nnx.Param(dense_init(rngs.params(), (pred_dim,)))
         self.blocks = BlockStack(
-            depth, pred_dim, heads, 4 * pred_dim, attn_fn, dtype=dtype, remat=remat, rngs=rngs
+            depth,
+            pred_dim,
+            heads,
+            4 * pred_dim,
+            attn_fn,
+            dtype=dtype,
+            remat=remat,
+            scan=scan,
+            rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, dtype, rngs)
         self.proj = _linear(pred_dim, embed_dim, dtype, rngs)

@@ -95,11 +95,19 @@ class Block(nnx.Module):
 
 
 class BlockStack(nnx.Module):
-    """`depth` blocks with stacked parameters, applied in order with `lax.scan`."""
+    """`depth` blocks with stacked parameters, applied in order.
 
-    def __init__(self, depth, dim, heads, mlp_hidden, attn_fn, *, dtype, remat, rngs: nnx.Rngs):
+    `scan=True` compiles one block inside a loop (fastest compile); `scan=False` unrolls the
+    loop, which on an H100 ran 1.3-1.45x faster with 25% less memory (BENCHMARKS.md): a scanned
+    loop copies each layer's parameter slice and stacks residuals through dynamic updates.
+    """
+
+    def __init__(
+        self, depth, dim, heads, mlp_hidden, attn_fn, *, dtype, remat, scan, rngs: nnx.Rngs
+    ):
         self.depth = depth
         self.remat = remat
+        self.scan = scan
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -116,7 +124,7 @@ class BlockStack(nnx.Module):
 
         if self.remat:
             step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-        return jax.lax.scan(step, x, stacked)[0]
+        return jax.lax.scan(step, x, stacked, unroll=1 if self.scan else self.depth)[0]
 
 
 def _torch_default_conv_init(fan_in: int):
@@ -141,6 +149,7 @@ class VisionTransformer(nnx.Module):
         attn_fn: AttentionFn,
         dtype=jnp.float32,
         remat: bool = False,
+        scan: bool = False,
         rngs: nnx.Rngs,
     ):
         if image_size % patch_size:
@@ -170,6 +179,7 @@ class VisionTransformer(nnx.Module):
             attn_fn,
             dtype=dtype,
             remat=remat,
+            scan=scan,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, dtype, rngs)
