@@ -9,6 +9,8 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       [--peak-tflops 989] [--out bench_train.json]
   python -m jepa_jax.bench max-batch [--config vit_h14] [--set KEY=VALUE ...] [--impls cudnn,xla]
       [--start 128] [--max-tries 7] [--multiple 8] [--out bench_max-batch.json]
+  python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
+      [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
 
 `train` and `max-batch` run every measurement in a fresh subprocess: a process's peak device
 memory never resets, and an out-of-memory error must not poison the measurements after it. Their
@@ -330,7 +332,12 @@ def _block_flops(tokens: float, width: int, mlp_hidden: int) -> float:
 
 
 def flops_per_image(config, spec, target_tokens: float | None = None) -> float:
-    """Matmul FLOPs of one training step per image (2*m*n*k per matmul; norms etc. ignored).
+    """Matmul FLOPs of one training step per image: the sum of `step_flops_by_part`."""
+    return float(sum(step_flops_by_part(config, spec, target_tokens).values()))
+
+
+def step_flops_by_part(config, spec, target_tokens: float | None = None) -> dict[str, float]:
+    """Per image and step, by part (2*m*n*k per matmul; norms etc. ignored).
 
     With N = grid tokens, Kc = spec.num_context, Kt = spec.max_target (or `target_tokens`),
     M targets, block(T, D, F) = 2*T*D*3D + 4*T^2*D + 2*T*D*D + 4*T*D*F:
@@ -354,7 +361,7 @@ def flops_per_image(config, spec, target_tokens: float | None = None) -> float:
     sequences = m.pred_depth * _block_flops(kc + kt, m.pred_dim, 4 * m.pred_dim)
     sequences += 2 * kt * m.pred_dim * size.width
     predictor = 2 * kc * size.width * m.pred_dim + spec.num_targets * sequences
-    return float(target + context + 3 * predictor)
+    return {"target": target, "context": context, "predictor": 3 * predictor}
 
 
 def _peak_device_memory() -> dict:
@@ -409,19 +416,24 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     state, metrics = jax.block_until_ready(compiled(state, batch))
     out["first_step_s"] = time.perf_counter() - start
 
-    times, total = [], args.warmup + args.steps
+    total = args.warmup + args.steps
     batch = batch_at(1) if total else None
-    for i in range(1, total + 1):
-        start = time.perf_counter()
+    for i in range(1, args.warmup + 1):
         state, metrics = compiled(state, batch)
-        batch = batch_at(i + 1) if i < total else None  # host work overlaps the device step
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    steady = times[args.warmup :]
+        batch = batch_at(i + 1)
+    jax.block_until_ready((state, metrics))
+    # Steady state as train.py runs it: steps dispatched back to back, the host preparing the
+    # next batch while the device works, one synchronisation at the end. Syncing every step
+    # would add a launch bubble per step (~2800 kernels per B/16 step) that training never sees.
+    start = time.perf_counter()
+    for i in range(args.warmup + 1, total + 1):
+        state, metrics = compiled(state, batch)
+        batch = batch_at(i + 1) if i < total else None
+    jax.block_until_ready((state, metrics))
+    window = time.perf_counter() - start
     useful = [flops_per_image(config, spec, target_tokens=t) for t in target_lens[: total + 1]]
     out.update(
-        step_ms=statistics.median(steady) * 1e3 if steady else None,
-        step_ms_mean=statistics.mean(steady) * 1e3 if steady else None,
+        step_ms=window / args.steps * 1e3 if args.steps else None,
         useful_flops_per_image=statistics.mean(useful),
         loss=float(metrics["loss"]),
         **_peak_device_memory(),
@@ -604,6 +616,103 @@ def run_max_batch(args) -> dict:
     return {"env": env, "rows": rows, "ratios": _ratios(rows, ("max_per_device_batch",))}
 
 
+def _median_ms(fn, *args, reps: int) -> float:
+    """Median wall time of a jitted call (after one untimed call that compiles it)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def breakdown_rows(args, impl: str) -> list[dict]:
+    """Time each part of the step alone (jitted separately, so fusion across parts is lost)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jepa_jax import data, masks, optim, sharding, trainer
+
+    config = load_config(args.config, args.set)
+    config.model.attention = impl
+    config.batch_size = args.per_device_batch * jax.device_count()
+    mesh = sharding.make_mesh(config.mesh)
+    net, state, tx = trainer.build(config, mesh)
+    spec = masks.mask_spec(config)
+    side = config.model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), np.uint8)
+    batch = sharding.global_batch(mesh, trainer.local_batch(config, spec, images, 0))
+
+    def context_loss(p, b):
+        encoder = nnx.merge(net.encoder, p)
+        return encoder(data.normalize(b["images"]), b["context_idx"]).astype(jnp.float32).mean()
+
+    def predictor_loss(p, ctx, b):
+        out = nnx.merge(net.predictor, p)(ctx, b["context_idx"], b["target_idx"], b["target_len"])
+        return out.astype(jnp.float32).mean()
+
+    def update(s, grads):
+        updates, _ = tx.update(grads, s.opt_state, s.params)
+        params = optax.apply_updates(s.params, updates)
+        return params, optim.ema_update(s.target, params["encoder"], 0.99)
+
+    def context_forward(p, b):
+        return nnx.merge(net.encoder, p)(data.normalize(b["images"]), b["context_idx"])
+
+    ctx = jax.jit(context_forward)(state.params["encoder"], batch)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    step = jax.jit(
+        functools.partial(trainer.train_step, net=net, tx=tx, sched=optim.schedules(config))
+    )
+    flops = step_flops_by_part(config, spec)
+    parts = (
+        (
+            "target encoder fwd",
+            flops["target"],
+            jax.jit(functools.partial(trainer.target_features, net)),
+            (state.target, batch),
+        ),
+        (
+            "context encoder fwd+bwd",
+            flops["context"],
+            jax.jit(jax.grad(context_loss)),
+            (state.params["encoder"], batch),
+        ),
+        (
+            "predictor fwd+bwd",
+            flops["predictor"],
+            jax.jit(jax.grad(predictor_loss, argnums=(0, 1))),
+            (state.params["predictor"], ctx, batch),
+        ),
+        ("adamw + ema", 0.0, jax.jit(update), (state, grads)),
+        ("whole step", sum(flops.values()), step, (state, batch)),
+    )
+    rows = []
+    for name, part_flops, fn, fn_args in parts:
+        ms = _median_ms(fn, *fn_args, reps=args.reps)
+        achieved = part_flops * config.batch_size / (ms / 1e3)
+        rows.append({"impl": impl, "part": name, "ms": ms, "tflops_per_s": achieved / 1e12 or None})
+    return rows
+
+
+def run_breakdown(args) -> dict:
+    rows = [row for impl in args.impls.split(",") for row in breakdown_rows(args, impl)]
+    return {"env": _environment(), "rows": rows, "ratios": {}}
+
+
+BREAKDOWN_COLUMNS = (
+    ("impl", lambda r: r["impl"], ""),
+    ("part", lambda r: r["part"], ""),
+    ("ms", lambda r: r["ms"], ".2f"),
+    ("TFLOP/s", lambda r: r["tflops_per_s"], ".0f"),
+)
+
+
 MAX_BATCH_COLUMNS = (
     ("impl", lambda r: r["impl"], ""),
     ("max per-device batch", lambda r: r["max_per_device_batch"], ""),
@@ -634,6 +743,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name, preset, impls in (
         ("train", "vit_b16", "cudnn,xla,reference"),
         ("max-batch", "vit_h14", "cudnn,xla"),
+        ("breakdown", "vit_h14", "cudnn"),
     ):
         p = modes.add_parser(name, help=f"{name} with the real trainer step, one process per run")
         p.add_argument("--config", default=preset, help="preset of configs/default.py")
@@ -643,6 +753,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.add_argument("--impls", default=impls)
         p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
     train, search = modes.choices["train"], modes.choices["max-batch"]
+    parts = modes.choices["breakdown"]
+    parts.add_argument("--per-device-batch", type=int, default=128)
+    parts.add_argument("--reps", type=int, default=10)
     train.add_argument("--per-device-batch", type=int, default=128)
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
@@ -665,6 +778,7 @@ MODES = {
     "attention": (run_attention, ATTENTION_COLUMNS),
     "train": (run_train, TRAIN_COLUMNS),
     "max-batch": (run_max_batch, MAX_BATCH_COLUMNS),
+    "breakdown": (run_breakdown, BREAKDOWN_COLUMNS),
 }
 
 

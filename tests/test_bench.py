@@ -139,3 +139,22 @@ def test_max_batch_search_reports_other_errors(monkeypatch):
     row, _ = bench.max_batch_one(bench.parse_args(["max-batch", "--start", "16"]), "cudnn")
     assert row["status"] == "error" and row["max_per_device_batch"] == 16
     assert len(row["tries"]) == 2
+
+
+def test_breakdown_mode(tmp_path):
+    out = tmp_path / "breakdown.json"
+    argv = ["breakdown", "--config", "tiny", "--impls", "reference", "--per-device-batch", "1"]
+    bench.main([*argv, "--reps", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == [
+        "target encoder fwd",
+        "context encoder fwd+bwd",
+        "predictor fwd+bwd",
+        "adamw + ema",
+        "whole step",
+    ]
+    assert all(r["ms"] > 0 for r in rows)
+    config = bench.load_config("tiny")
+    spec = masks.mask_spec(config)
+    parts = bench.step_flops_by_part(config, spec)
+    assert sum(parts.values()) == pytest.approx(bench.flops_per_image(config, spec))
