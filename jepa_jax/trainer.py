@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -131,8 +132,9 @@ def compile_step(config, net: Networks, tx, mesh, state: TrainState):
 class MetricsWriter:
     """Prints a concise line and appends JSON lines to WORKDIR/metrics.jsonl (process 0 only)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, total_steps: int, batch_size: int):
         self.enabled = jax.process_index() == 0
+        self.total_steps, self.batch_size = total_steps, batch_size
         self.path = os.path.join(workdir, "metrics.jsonl")
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
@@ -143,7 +145,9 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        print(f"step {step}: {shown}", flush=True)
+        left = (self.total_steps - step) * self.batch_size / metrics["img_per_s"]
+        eta = datetime.timedelta(seconds=round(left))
+        print(f"step {step}/{self.total_steps} (eta {eta}): {shown}", flush=True)
 
     def truncate(self, step: int) -> None:
         """Keep only rows up to `step`, the run's restart point: every step is then logged once."""
@@ -191,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     batches = data.create_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, config.total_steps, config.batch_size)
     if ckpt.latest_step is not None:
         target = checkpoint.restore_target(state, mesh)
         state = None  # free the fresh init before reading: peak memory stays one state
