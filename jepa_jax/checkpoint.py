@@ -100,9 +100,6 @@ class Checkpointer:
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict):
         """Open (or create) WORKDIR/checkpoints; raise if its latest checkpoint cannot resume."""
-        for field, low in (("checkpoint_every", 0), ("keep_checkpoints", 1)):
-            if config[field] < low:
-                raise ValueError(f"config.{field}={config[field]!r} is invalid: must be >= {low}")
         self.config = config
         self.directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
         options = ocp.CheckpointManagerOptions(

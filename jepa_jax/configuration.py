@@ -39,11 +39,16 @@ def validate(config) -> None:
         m.pred_dim,
         f"must be a positive multiple of the {heads} heads of {m.variant}",
     )
-    for field in ("batch_size", "total_steps", "log_every"):
+    for field in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
         _require(config[field] >= 1, field, config[field], "must be >= 1")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(
-        min(o.lr, o.start_lr, o.final_lr) >= 0, "optim.lr", o.lr, "learning rates must be >= 0"
+        config.checkpoint_every >= 0,
+        "checkpoint_every",
+        config.checkpoint_every,
+        "must be >= 0 (0: only at the end)",
     )
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    for field in ("lr", "start_lr", "final_lr"):
+        _require(o[field] >= 0, f"optim.{field}", o[field], "learning rates must be >= 0")
     _require(all(0 <= v <= 1 for v in o.ema), "optim.ema", o.ema, "momenta must lie in [0, 1]")
     _require(min(o.weight_decay) >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
