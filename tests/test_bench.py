@@ -122,7 +122,7 @@ def _fake_spawn(limit: int, broken: int | None = None):
 
 
 def test_max_batch_search_grows_then_bisects(monkeypatch):
-    monkeypatch.setattr(bench, "_spawn", _fake_spawn(limit=100))
+    monkeypatch.setattr(bench.max_batch, "_spawn", _fake_spawn(limit=100))
     args = bench.parse_args(["max-batch", "--start", "16", "--max-tries", "10"])
     row, env = bench.max_batch_one(args, "xla")
     assert [t["per_device_batch"] for t in row["tries"]] == [16, 32, 64, 128, 96, 112, 104]
@@ -135,7 +135,7 @@ def test_max_batch_search_grows_then_bisects(monkeypatch):
 
 
 def test_max_batch_search_reports_other_errors(monkeypatch):
-    monkeypatch.setattr(bench, "_spawn", _fake_spawn(limit=100, broken=32))
+    monkeypatch.setattr(bench.max_batch, "_spawn", _fake_spawn(limit=100, broken=32))
     row, _ = bench.max_batch_one(bench.parse_args(["max-batch", "--start", "16"]), "cudnn")
     assert row["status"] == "error" and row["max_per_device_batch"] == 16
     assert len(row["tries"]) == 2

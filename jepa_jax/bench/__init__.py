@@ -1,0 +1,42 @@
+"""Benchmarks: attention kernels, I-JEPA training steps (img/s, MFU, memory), largest batch.
+
+Usage (from the repo root; each run writes one JSON file and prints a table last on stdout):
+  python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
+      [--shapes 256x196x12x64,128x69x16x80] [--dtype bfloat16] [--kv-lengths]
+      [--reps 20] [--warmup 3] [--out bench_attention.json]
+  python -m jepa_jax.bench train [--config vit_b16] [--set model.remat=True ...]
+      [--impls cudnn,xla,reference] [--per-device-batch 128] [--steps 20] [--warmup 3]
+      [--peak-tflops 989] [--out bench_train.json]
+  python -m jepa_jax.bench max-batch [--config vit_h14] [--set KEY=VALUE ...] [--impls cudnn,xla]
+      [--start 128] [--max-tries 7] [--multiple 8] [--out bench_max-batch.json]
+  python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
+      [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
+
+`train` and `max-batch` run every measurement in a fresh subprocess: a process's peak device
+memory never resets, and an out-of-memory error must not poison the measurements after it. Their
+parent never starts a JAX backend; call them from a process that has not either (on a GPU a
+started backend reserves most of the memory the subprocesses need).
+"""
+
+from jepa_jax.bench.attention import attention_flops, bench_attention_one
+from jepa_jax.bench.breakdown import breakdown_rows
+from jepa_jax.bench.cli import MODES, main, parse_args
+from jepa_jax.bench.common import format_table, load_config
+from jepa_jax.bench.flops import flops_per_image, step_flops_by_part
+from jepa_jax.bench.max_batch import max_batch_one
+from jepa_jax.bench.train import train_row
+
+__all__ = [
+    "MODES",
+    "attention_flops",
+    "bench_attention_one",
+    "breakdown_rows",
+    "flops_per_image",
+    "format_table",
+    "load_config",
+    "main",
+    "max_batch_one",
+    "parse_args",
+    "step_flops_by_part",
+    "train_row",
+]

@@ -1,0 +1,94 @@
+"""The command line: parse_args, MODES (mode -> run function and table columns) and main."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from jepa_jax.bench.attention import ATTENTION_COLUMNS, run_attention
+from jepa_jax.bench.breakdown import BREAKDOWN_COLUMNS, run_breakdown
+from jepa_jax.bench.common import format_table
+from jepa_jax.bench.max_batch import MAX_BATCH_COLUMNS, run_max_batch
+from jepa_jax.bench.train import TRAIN_COLUMNS, _child_main, run_train
+
+ATTENTION_IMPLS = ("cudnn", "xla", "reference")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # The package docstring (jepa_jax/bench/__init__.py) holds the usage; its first line is this.
+    description = sys.modules[__package__].__doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m jepa_jax.bench", description=description)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    att = modes.add_parser(
+        "attention", help="attention kernels alone: time, TFLOP/s, memory, error"
+    )
+    att.add_argument("--impls", default="reference,xla,cudnn")
+    att.add_argument("--shapes", default="256x196x12x64,128x69x16x80", help="BxTxNxH,...")
+    att.add_argument("--dtype", default="bfloat16")
+    att.add_argument("--kv-lengths", action="store_true", help="random kv lengths in [T/2, T]")
+    att.add_argument("--reps", type=int, default=20)
+    att.add_argument("--warmup", type=int, default=3)
+    for name, preset, impls in (
+        ("train", "vit_b16", "cudnn,xla,reference"),
+        ("max-batch", "vit_h14", "cudnn,xla"),
+        ("breakdown", "vit_h14", "cudnn"),
+    ):
+        p = modes.add_parser(name, help=f"{name} with the real trainer step, one process per run")
+        p.add_argument("--config", default=preset, help="preset of configs/default.py")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+        )
+        p.add_argument("--impls", default=impls)
+        p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
+    train, search = modes.choices["train"], modes.choices["max-batch"]
+    parts = modes.choices["breakdown"]
+    parts.add_argument("--per-device-batch", type=int, default=128)
+    parts.add_argument("--reps", type=int, default=10)
+    train.add_argument("--per-device-batch", type=int, default=128)
+    train.add_argument("--steps", type=int, default=20, help="timed steps")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    train.add_argument("--peak-tflops", type=float, default=989.0, help="per device, H100 bf16")
+    train.add_argument("--_child", help=argparse.SUPPRESS)  # internal: one measurement -> PATH
+    search.add_argument("--start", type=int, default=128, help="first per-device batch")
+    search.add_argument("--max-tries", type=int, default=7, help="subprocesses per impl")
+    search.add_argument("--multiple", type=int, default=8, help="bisect to multiples of this")
+    for p in modes.choices.values():
+        p.add_argument("--out", help="JSON path (default bench_<mode>.json)")
+    args = parser.parse_args(argv)
+    allowed = ATTENTION_IMPLS if args.mode == "attention" else ATTENTION_IMPLS + ("auto",)
+    bad = [i for i in args.impls.split(",") if i not in allowed]
+    if bad:
+        parser.error(f"--impls: unknown {bad}; choose from {','.join(allowed)}")
+    return args
+
+
+MODES = {
+    "attention": (run_attention, ATTENTION_COLUMNS),
+    "train": (run_train, TRAIN_COLUMNS),
+    "max-batch": (run_max_batch, MAX_BATCH_COLUMNS),
+    "breakdown": (run_breakdown, BREAKDOWN_COLUMNS),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Run one mode, write its JSON, print the ratios and then the table; returns the result."""
+    args = parse_args(argv)
+    if getattr(args, "_child", None):
+        _child_main(args)
+        return None
+    run, columns = MODES[args.mode]
+    result = {
+        "mode": args.mode,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+    }
+    result.update(run(args))
+    out = args.out or f"bench_{args.mode}.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    for shape, ratios in result["ratios"].items():
+        print(f"{shape}: {json.dumps(ratios)}")
+    print(format_table(result["rows"], columns), flush=True)
+    return result

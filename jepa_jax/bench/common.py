@@ -1,0 +1,131 @@
+"""What the bench modes share: configs with --set overrides, failure classification, XLA's memory
+estimate, the environment, cudnn/other ratios, text tables and logging."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# The repo root, where configs/ lives: three levels up from jepa_jax/bench/common.py.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OOM_MARKERS = ("resource_exhausted", "out of memory", "outofmemory")
+
+
+def load_config(preset: str, overrides: Sequence[str] = ()):
+    """A preset of configs/default.py with `key=value` overrides (values as Python literals)."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from configs import default
+
+    config = default.get_config(preset)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        *parents, leaf = key.strip().split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if hasattr(node, "keys") else None
+        if not sep or not hasattr(node, "keys") or leaf not in node:
+            raise ValueError(
+                f"--set {item!r}: expected KEY=VALUE with KEY an existing config field"
+            )
+        try:
+            node[leaf] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            node[leaf] = text  # a bare word such as xla is a string
+    return config
+
+
+def _is_oom(text: str) -> bool:
+    """Whether an error's headline says the device ran out of memory (pass the first line:
+    other errors can quote allocator logs further down)."""
+    text = text.lower()
+    return any(marker in text for marker in OOM_MARKERS)
+
+
+def _describe(e: BaseException) -> str:
+    """One line naming an exception, short enough for a table cell and a JSON field."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _failure(e: BaseException) -> dict:
+    """status (oom or error) and reason of a failed measurement."""
+    reason = _describe(e)
+    return {"status": "oom" if _is_oom(reason) else "error", "reason": reason}
+
+
+def _memory(compiled) -> dict:
+    """XLA's compile-time memory estimate per device; total = temp + argument + output - alias."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return {}
+    m = m[0] if isinstance(m, list | tuple) else m
+    if m is None:
+        return {}
+    got = {
+        key: int(getattr(m, f"{key}_size_in_bytes", 0) or 0)
+        for key in ("temp", "argument", "output", "alias")
+    }
+    got["total"] = got["temp"] + got["argument"] + got["output"] - got["alias"]
+    return {f"{key}_bytes": value for key, value in got.items()}
+
+
+def _environment() -> dict:
+    import jax
+
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        # The allocator's settings bound what fits (by default it takes 75% of GPU memory).
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("XLA_PYTHON_")},
+    }
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+
+
+def _ratios(rows: list[dict], metrics: Sequence[str]) -> dict:
+    """metric(cudnn) / metric(other) for other in xla, reference, where both rows ran."""
+    ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
+    if "cudnn" not in ok:
+        return {}
+    return {
+        f"cudnn/{other}": {m: _ratio(ok["cudnn"].get(m), ok[other].get(m)) for m in metrics}
+        for other in ("xla", "reference")
+        if other in ok
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == "GiB":
+        return f"{value / 2**30:.2f}"
+    if spec == "MiB":
+        return f"{value / 2**20:.1f}"
+    return format(value, spec) if spec else str(value)
+
+
+def format_table(rows: list[dict], columns: Sequence[tuple[str, Callable[[dict], object], str]]):
+    """Rows as an aligned text table; each column is (header, getter, format spec)."""
+    cells = [[h for h, _, _ in columns]]
+    cells += [[_fmt(get(r), spec) for _, get, spec in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _note(row: dict) -> str:
+    return row["status"] if not row.get("reason") else f"{row['status']}: {row['reason'][:90]}"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,48 @@
+"""Matmul FLOPs of one I-JEPA training step per image, by part (for MFU and the breakdown)."""
+
+from __future__ import annotations
+
+
+def _block_flops(tokens: float, width: int, mlp_hidden: int) -> float:
+    """Forward matmul FLOPs of one transformer block over `tokens` tokens."""
+    t, d = tokens, width
+    qkv, scores_values, proj, mlp = (
+        2 * t * d * 3 * d,
+        2 * 2 * t * t * d,
+        2 * t * d * d,
+        2 * 2 * t * d * mlp_hidden,
+    )
+    return qkv + scores_values + proj + mlp
+
+
+def flops_per_image(config, spec, target_tokens: float | None = None) -> float:
+    """Matmul FLOPs of one training step per image: the sum of `step_flops_by_part`."""
+    return float(sum(step_flops_by_part(config, spec, target_tokens).values()))
+
+
+def step_flops_by_part(config, spec, target_tokens: float | None = None) -> dict[str, float]:
+    """Per image and step, by part (2*m*n*k per matmul; norms etc. ignored).
+
+    With N = grid tokens, Kc = spec.num_context, Kt = spec.max_target (or `target_tokens`),
+    M targets, block(T, D, F) = 2*T*D*3D + 4*T^2*D + 2*T*D*D + 4*T*D*F:
+      target encoder, forward only:   E + L*block(N, D, F),   E = 2*N*(3*p^2)*D patch embed
+      context encoder, fwd + bwd:     2*E + 3*L*block(Kc, D, F)
+        (the embed runs on all N tokens before the gather; images need no gradient, so its
+        backward is the weight gradient alone: 1x, not 2x)
+      predictor, fwd + bwd:           3 * [2*Kc*D*Dp + M*(Lp*block(Kc+Kt, Dp, 4*Dp) + 2*Kt*Dp*D)]
+        (its input embed runs once per image, before the M sequences are formed)
+    Padded target tokens are executed work, so Kt = max_target counts them.
+    """
+    from jepa_jax.models import SIZES
+
+    size, m = SIZES[config.model.variant], config.model
+    n, p = spec.grid[0] * spec.grid[1], m.patch_size
+    kc = spec.num_context
+    kt = spec.max_target if target_tokens is None else target_tokens
+    embed = 2 * n * 3 * p * p * size.width
+    target = embed + size.depth * _block_flops(n, size.width, size.mlp_hidden)
+    context = 2 * embed + 3 * size.depth * _block_flops(kc, size.width, size.mlp_hidden)
+    sequences = m.pred_depth * _block_flops(kc + kt, m.pred_dim, 4 * m.pred_dim)
+    sequences += 2 * kt * m.pred_dim * size.width
+    predictor = 2 * kc * size.width * m.pred_dim + spec.num_targets * sequences
+    return {"target": target, "context": context, "predictor": 3 * predictor}
