@@ -44,9 +44,11 @@ def breakdown_rows(args, impl: str) -> list[dict]:
     images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), np.uint8)
     batch = sharding.global_batch(mesh, trainer.local_batch(config, spec, images, 0))
 
+    def context_forward(p, b):
+        return nnx.merge(net.encoder, p)(data.normalize(b["images"]), b["context_idx"])
+
     def context_loss(p, b):
-        encoder = nnx.merge(net.encoder, p)
-        return encoder(data.normalize(b["images"]), b["context_idx"]).astype(jnp.float32).mean()
+        return context_forward(p, b).astype(jnp.float32).mean()
 
     def predictor_loss(p, ctx, b):
         out = nnx.merge(net.predictor, p)(ctx, b["context_idx"], b["target_idx"], b["target_len"])
@@ -56,9 +58,6 @@ def breakdown_rows(args, impl: str) -> list[dict]:
         updates, _ = tx.update(grads, s.opt_state, s.params)
         params = optax.apply_updates(s.params, updates)
         return params, optim.ema_update(s.target, params["encoder"], 0.99)
-
-    def context_forward(p, b):
-        return nnx.merge(net.encoder, p)(data.normalize(b["images"]), b["context_idx"])
 
     ctx = jax.jit(context_forward)(state.params["encoder"], batch)
     grads = jax.tree.map(jnp.ones_like, state.params)

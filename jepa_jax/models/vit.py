@@ -1,8 +1,8 @@
 """Vision Transformer encoder as in I-JEPA: conv patch embed, fixed 2-D sin-cos positions,
 pre-norm blocks, final LayerNorm, no cls token.
 
-Blocks are stored stacked (leading `depth` axis) and run with `lax.scan`, so XLA compiles one
-block per stack instead of `depth` copies: compile time stays flat in depth.
+Blocks are stored stacked (leading `depth` axis) and applied by `BlockStack`, either unrolled
+(the default: fastest steps) or as one scanned block (fastest compile).
 """
 
 from __future__ import annotations
