@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
-from jepa_jax.configuration import DTYPES
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
 
@@ -120,8 +119,8 @@ def from_config(
 
 def resolve_attention(size: ViTSize, pred_dim: int, attention: str, dtype: str):
     """Which attention implementation runs for these networks (raises for impossible cudnn)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={dtype!r}: choose one of {list(DTYPES)}")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"config.model.dtype={dtype!r}: choose bfloat16, float16 or float32")
     if pred_dim % size.heads:
         raise ValueError(f"config.model.pred_dim={pred_dim} is not divisible by {size.heads} heads")
     head_dims = (size.width // size.heads, pred_dim // size.heads)
