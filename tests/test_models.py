@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jepa_jax import attention, models
-from jepa_jax.models.vit import SIZES, sincos_pos_embed
+from jepa_jax.models.vit import SIZES, patchify, sincos_pos_embed
 
 
 def n_params(module) -> int:
@@ -47,6 +47,25 @@ def test_parameter_counts(variant):
     assert n_params(m) == expected_encoder_params(SIZES[size_name], patch)
     if variant == "vit_h14":
         assert 629e6 < n_params(m) < 632e6  # the released ViT-H/14 encoder: about 630M
+
+
+def test_patch_embed_is_the_stride_p_conv():
+    """The linear patch embed on patchified images is the release's conv with its kernel
+    reshaped [p*p*C, D] -> [p, p, C, D], so conv weights carry over by a reshape."""
+    p, d = 4, 8
+    key_img, key_w = jax.random.split(jax.random.key(np.random.randint(2**31)))
+    images = jax.random.normal(key_img, (2, 12, 8, 3))
+    kernel = jax.random.normal(key_w, (p * p * 3, d))
+    conv = jax.lax.conv_general_dilated(
+        images,
+        kernel.reshape(p, p, 3, d),
+        window_strides=(p, p),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest",
+    )
+    linear = jnp.matmul(patchify(images, p), kernel, precision="highest")
+    np.testing.assert_allclose(linear, conv.reshape(2, -1, d), rtol=1e-5, atol=1e-5)
 
 
 def test_sincos_positions_match_formula():

@@ -1,4 +1,4 @@
-"""Vision Transformer encoder as in I-JEPA: conv patch embed, fixed 2-D sin-cos positions,
+"""Vision Transformer encoder as in I-JEPA: linear patch embed, fixed 2-D sin-cos positions,
 pre-norm blocks, final LayerNorm, no cls token.
 
 Blocks are stored stacked (leading `depth` axis) and applied by `BlockStack`, either unrolled
@@ -127,6 +127,15 @@ class BlockStack(nnx.Module):
         return jax.lax.scan(step, x, stacked, unroll=1 if self.scan else self.depth)[0]
 
 
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p * W/p, p*p*C]: patches in row-major grid order, each flattened
+    as (row, column, channel), the order of a conv kernel [p, p, C, D] reshaped to [p*p*C, D]."""
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
 def _torch_default_conv_init(fan_in: int):
     """PyTorch's Conv2d default, U(+-1/sqrt(fan_in)): the release kept it for the patch embed."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -159,13 +168,13 @@ class VisionTransformer(nnx.Module):
         self.size = size
         self.grid = (image_size // patch_size,) * 2
         self.dtype = dtype
+        self.patch_size = patch_size
         fan_in = 3 * patch_size * patch_size
-        self.patch_embed = nnx.Conv(
-            3,
+        # The release's stride-p conv, as the matmul it is: cuDNN ran the 3-channel conv as a
+        # slow implicit GEMM on the H100 (BENCHMARKS.md). Its kernel is the conv's, flattened.
+        self.patch_embed = nnx.Linear(
+            fan_in,
             size.width,
-            kernel_size=(patch_size, patch_size),
-            strides=(patch_size, patch_size),
-            padding="VALID",
             kernel_init=_torch_default_conv_init(fan_in),
             bias_init=_torch_default_conv_init(fan_in),
             dtype=dtype,
@@ -185,9 +194,9 @@ class VisionTransformer(nnx.Module):
         self.norm = _layer_norm(size.width, dtype, rngs)
 
     def __call__(self, images: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
-        x = self.patch_embed(images.astype(self.dtype))
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
-        x = x + jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.dtype)
-        if token_idx is not None:
-            x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
-        return self.norm(self.blocks(x))
+        patches = patchify(images.astype(self.dtype), self.patch_size)
+        pos = jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.dtype)
+        if token_idx is not None:  # embed only the kept patches
+            patches = jnp.take_along_axis(patches, token_idx[..., None], axis=1)
+            pos = pos[token_idx]
+        return self.norm(self.blocks(self.patch_embed(patches) + pos))
