@@ -106,6 +106,7 @@ def test_max_batch_mode(tmp_path, monkeypatch):
     row = _rows(json.loads(out.read_text()))["xla"]
     assert row["max_per_device_batch"] == 1 and row["global_batch"] == 1
     assert row["status"] == "ok" and not row["resolved"]  # the cap ended it, no OOM on a CPU
+    assert row["img_per_s_at_max"] > 0
 
 
 def _fake_spawn(limit: int, broken: int | None = None):
@@ -116,6 +117,8 @@ def _fake_spawn(limit: int, broken: int | None = None):
         if per_device_batch == broken:
             status = "error"
         row = {"impl": impl, "per_device_batch": per_device_batch, "status": status}
+        if status == "ok" and steps:
+            row["img_per_s"] = 10.0 * per_device_batch
         return {"env": {"devices": 4}, "row": {**row, "reason": None if status == "ok" else "x"}}
 
     return spawn
@@ -128,6 +131,7 @@ def test_max_batch_search_grows_then_bisects(monkeypatch):
     assert [t["per_device_batch"] for t in row["tries"]] == [16, 32, 64, 128, 96, 112, 104]
     assert (row["max_per_device_batch"], row["smallest_oom_per_device_batch"]) == (96, 104)
     assert row["resolved"] and row["status"] == "ok" and row["global_batch"] == 4 * 96
+    assert row["img_per_s_at_max"] == 960.0  # the timed steps of the try at 96
 
     row, _ = bench.max_batch_one(bench.parse_args(["max-batch", "--start", "256"]), "xla")
     assert row["tries"][0]["status"] == "oom" and row["max_per_device_batch"] == 96

@@ -54,6 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     search.add_argument("--start", type=int, default=128, help="first per-device batch")
     search.add_argument("--max-tries", type=int, default=7, help="subprocesses per impl")
     search.add_argument("--multiple", type=int, default=8, help="bisect to multiples of this")
+    search.add_argument("--steps", type=int, default=3, help="timed steps per try (0: none)")
     for p in modes.choices.values():
         p.add_argument("--out", help="JSON path (default bench_<mode>.json)")
     args = parser.parse_args(argv)

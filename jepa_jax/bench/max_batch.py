@@ -1,12 +1,15 @@
 """`max-batch` mode: the largest per-device batch that fits, found by growing and bisecting, one
-subprocess per try."""
+subprocess per try, each timing `--steps` steps.
+
+"Fits" means XLA compiled it and it ran: near the memory limit XLA rematerialises activations
+on its own to stay under it, so each try also reports img/s, which shows what that costs."""
 
 from __future__ import annotations
 
 from jepa_jax.bench.common import _log, _note, _ratios
 from jepa_jax.bench.train import _spawn
 
-TRY_FIELDS = ("per_device_batch", "status", "reason", "compile_s", "peak_bytes")  # max-batch log
+TRY_FIELDS = ("per_device_batch", "status", "reason", "compile_s", "peak_bytes", "img_per_s")
 
 
 def max_batch_one(args, impl: str) -> tuple[dict, dict | None]:
@@ -17,7 +20,7 @@ def max_batch_one(args, impl: str) -> tuple[dict, dict | None]:
     def attempt(batch: int) -> str:
         nonlocal env
         _log(f"max-batch: {impl} per-device batch {batch}")
-        result = _spawn(args, impl, batch, steps=0, warmup=0)
+        result = _spawn(args, impl, batch, steps=args.steps, warmup=1 if args.steps else 0)
         env = env or result["env"]
         r = result["row"]
         _log(f"  -> {r['status']}" + (f": {r['reason']}" if r.get("reason") else ""))
@@ -51,6 +54,9 @@ def max_batch_one(args, impl: str) -> tuple[dict, dict | None]:
         if failure
         else (None if resolved else "stopped at --max-tries"),
         "max_per_device_batch": lo,
+        "img_per_s_at_max": next(
+            (t["img_per_s"] for t in tries if t["per_device_batch"] == lo), None
+        ),
         "global_batch": lo * devices if devices else None,
         "smallest_oom_per_device_batch": hi,
         "resolved": resolved,
@@ -72,6 +78,7 @@ MAX_BATCH_COLUMNS = (
     ("impl", lambda r: r["impl"], ""),
     ("max per-device batch", lambda r: r["max_per_device_batch"], ""),
     ("global", lambda r: r.get("global_batch"), ""),
+    ("img/s there", lambda r: r.get("img_per_s_at_max"), ".1f"),
     ("smallest OOM", lambda r: r.get("smallest_oom_per_device_batch"), ""),
     ("tries", lambda r: len(r["tries"]), ""),
     ("status", _note, ""),
