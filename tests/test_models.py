@@ -1,6 +1,7 @@
 """Encoder and predictor: shapes, parameter counts, fixed positions, attention-independence."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +159,16 @@ def test_scanned_and_unrolled_layers_compute_the_same():
     np.testing.assert_allclose(
         scanned.encoder(images), unrolled.encoder(images), rtol=1e-5, atol=1e-5
     )
+
+
+def test_package_turns_triton_gemm_off_unless_the_user_chose(monkeypatch):
+    import importlib
+
+    import jepa_jax
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    importlib.reload(jepa_jax)
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    importlib.reload(jepa_jax)
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true"
