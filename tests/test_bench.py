@@ -55,9 +55,9 @@ def test_flops_per_image_by_hand():
         weights = d * 3 * d + d * d + 2 * d * f
         return 2 * t * weights + 2 * 2 * t * t * d
 
-    embed = 2 * 36 * 192 * (3 * 16 * 16)
-    target = embed + 12 * block(36, 192, 768)
-    context = 2 * embed + 3 * 12 * block(10, 192, 768)
+    embed = 2 * 192 * (3 * 16 * 16)  # per embedded patch
+    target = 36 * embed + 12 * block(36, 192, 768)
+    context = 2 * 10 * embed + 3 * 12 * block(10, 192, 768)  # only the 10 kept patches
     predictor = 2 * 10 * 192 * 192 + 4 * (2 * block(16, 192, 768) + 2 * 6 * 192 * 192)
     assert bench.flops_per_image(config, spec) == target + context + 3 * predictor
     assert bench.flops_per_image(config, spec, target_tokens=3) < target + context + 3 * predictor

@@ -8,7 +8,7 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       [--impls cudnn,xla,reference] [--per-device-batch 128] [--steps 20] [--warmup 3]
       [--peak-tflops 989] [--out bench_train.json]
   python -m jepa_jax.bench max-batch [--config vit_h14] [--set KEY=VALUE ...] [--impls cudnn,xla]
-      [--start 128] [--max-tries 7] [--multiple 8] [--out bench_max-batch.json]
+      [--start 128] [--max-tries 7] [--multiple 8] [--steps 3] [--out bench_max-batch.json]
   python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
 

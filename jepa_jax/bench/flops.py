@@ -25,9 +25,9 @@ def step_flops_by_part(config, spec, target_tokens: float | None = None) -> dict
 
     With N = grid tokens, Kc = spec.num_context, Kt = spec.max_target (or `target_tokens`),
     M targets, block(T, D, F) = 2*T*D*3D + 4*T^2*D + 2*T*D*D + 4*T*D*F:
-      target encoder, forward only:   E + L*block(N, D, F),   E = 2*N*(3*p^2)*D patch embed
-      context encoder, fwd + bwd:     2*E + 3*L*block(Kc, D, F)
-        (the embed runs on all N tokens before the gather; images need no gradient, so its
+      target encoder, forward only:   E(N) + L*block(N, D, F),   E(T) = 2*T*(3*p^2)*D embed
+      context encoder, fwd + bwd:     2*E(Kc) + 3*L*block(Kc, D, F)
+        (only the kept patches are embedded; images need no gradient, so the embed's
         backward is the weight gradient alone: 1x, not 2x)
       predictor, fwd + bwd:           3 * [2*Kc*D*Dp + M*(Lp*block(Kc+Kt, Dp, 4*Dp) + 2*Kt*Dp*D)]
         (its input embed runs once per image, before the M sequences are formed)
@@ -39,9 +39,10 @@ def step_flops_by_part(config, spec, target_tokens: float | None = None) -> dict
     n, p = spec.grid[0] * spec.grid[1], m.patch_size
     kc = spec.num_context
     kt = spec.max_target if target_tokens is None else target_tokens
-    embed = 2 * n * 3 * p * p * size.width
-    target = embed + size.depth * _block_flops(n, size.width, size.mlp_hidden)
-    context = 2 * embed + 3 * size.depth * _block_flops(kc, size.width, size.mlp_hidden)
+    embed_per_token = 2 * 3 * p * p * size.width
+    target = n * embed_per_token + size.depth * _block_flops(n, size.width, size.mlp_hidden)
+    context = 2 * kc * embed_per_token
+    context += 3 * size.depth * _block_flops(kc, size.width, size.mlp_hidden)
     sequences = m.pred_depth * _block_flops(kc + kt, m.pred_dim, 4 * m.pred_dim)
     sequences += 2 * kt * m.pred_dim * size.width
     predictor = 2 * kc * size.width * m.pred_dim + spec.num_targets * sequences
