@@ -162,3 +162,54 @@ def test_breakdown_mode(tmp_path):
     spec = masks.mask_spec(config)
     parts = bench.step_flops_by_part(config, spec)
     assert sum(parts.values()) == pytest.approx(bench.flops_per_image(config, spec))
+
+
+def _trace_event(name, pid, tid, dur):
+    return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": 0, "dur": dur}
+
+
+def test_profile_groups_gpu_stream_kernels_by_kind():
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}},
+    ]
+    kernels = [
+        _trace_event("loop_convert_fusion_3", 1, 7, 300.0),
+        _trace_event("loop_convert_fusion_17", 1, 7, 100.0),
+        _trace_event("nvjet_sm90_tst_256x128_bias_NNT", 1, 7, 1000.0),
+        _trace_event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1, 7, 500.0),
+        _trace_event("memcpy32_post", 1, 7, 100.0),
+        _trace_event("fusion.3", 1, 8, 9999.0),  # the op-level line, not a kernel
+        _trace_event("loop_add_fusion", 2, 7, 9999.0),  # a host thread of the same name
+    ]
+    found = bench.device_kernels({"traceEvents": meta + kernels})
+    assert len(found) == 5
+    table = bench.kernel_table(found, steps=2)
+    assert [(r["group"], r["kind"]) for r in table] == [
+        ("nvjet_sm#_tst_#x#_bias_NNT", "gemm"),
+        ("cudnn_generated_fort_native_sdpa_sm#_flash_fprop", "attention"),
+        ("loop_convert_fusion_#", "fusion"),
+        ("memcpy#_post", "copy"),
+    ]
+    convert = table[2]
+    assert convert["ms_per_step"] == pytest.approx(0.2) and convert["kernels_per_step"] == 1
+    assert sum(r["share"] for r in table) == pytest.approx(1.0)
+
+
+def test_profile_mode_writes_trace_and_json(tmp_path):
+    out, traces = tmp_path / "profile.json", tmp_path / "traces"
+    argv = ["profile", "--config", "tiny", "--impls", "reference", "--per-device-batch", "1"]
+    bench.main(
+        [*argv, "--steps", "1", "--warmup", "0", "--trace-dir", str(traces), "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    (summary,) = result["summaries"]
+    assert summary["traced_wall_ms_per_step"] > 0
+    assert list(traces.glob("reference/**/perfetto_trace.json.gz"))
+    if ON_CPU:  # host events only: nothing on a GPU stream
+        assert result["rows"] == [] and summary["kernel_ms_per_step"] == 0
+    else:
+        assert summary["kernel_ms_per_step"] > 0 and result["rows"]

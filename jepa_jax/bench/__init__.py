@@ -1,4 +1,4 @@
-"""Benchmarks: attention kernels, I-JEPA training steps (img/s, MFU, memory), largest batch.
+"""Benchmarks: attention kernels, I-JEPA steps (img/s, MFU, memory), largest batch, profiles.
 
 Usage (from the repo root; each run writes one JSON file and prints a table last on stdout):
   python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
@@ -11,6 +11,9 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       [--start 128] [--max-tries 7] [--multiple 8] [--steps 3] [--out bench_max-batch.json]
   python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
+  python -m jepa_jax.bench profile [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
+      [--steps 3] [--warmup 3] [--top 25] [--trace-dir bench_trace] [--out bench_profile.json]
+      (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step)
 
 `train` and `max-batch` run every measurement in a fresh subprocess: a process's peak device
 memory never resets, and an out-of-memory error must not poison the measurements after it. Their
@@ -24,6 +27,7 @@ from jepa_jax.bench.cli import MODES, main, parse_args
 from jepa_jax.bench.common import format_table, load_config
 from jepa_jax.bench.flops import flops_per_image, step_flops_by_part
 from jepa_jax.bench.max_batch import max_batch_one
+from jepa_jax.bench.profile import device_kernels, kernel_table
 from jepa_jax.bench.train import train_row
 
 __all__ = [
@@ -31,8 +35,10 @@ __all__ = [
     "attention_flops",
     "bench_attention_one",
     "breakdown_rows",
+    "device_kernels",
     "flops_per_image",
     "format_table",
+    "kernel_table",
     "load_config",
     "main",
     "max_batch_one",

@@ -6,9 +6,7 @@ import functools
 import statistics
 import time
 
-import numpy as np
-
-from jepa_jax.bench.common import _environment, load_config
+from jepa_jax.bench.common import _environment, real_step_inputs
 from jepa_jax.bench.flops import step_flops_by_part
 
 
@@ -32,17 +30,9 @@ def breakdown_rows(args, impl: str) -> list[dict]:
     import optax
     from flax import nnx
 
-    from jepa_jax import data, masks, optim, sharding, trainer
+    from jepa_jax import data, optim, trainer
 
-    config = load_config(args.config, args.set)
-    config.model.attention = impl
-    config.batch_size = args.per_device_batch * jax.device_count()
-    mesh = sharding.make_mesh(config.mesh)
-    net, state, tx = trainer.build(config, mesh)
-    spec = masks.mask_spec(config)
-    side = config.model.image_size
-    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), np.uint8)
-    batch = sharding.global_batch(mesh, trainer.local_batch(config, spec, images, 0))
+    config, _, net, state, tx, spec, batch = real_step_inputs(args, impl)
 
     def context_forward(p, b):
         return nnx.merge(net.encoder, p)(data.normalize(b["images"]), b["context_idx"])

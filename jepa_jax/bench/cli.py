@@ -11,6 +11,7 @@ from jepa_jax.bench.attention import ATTENTION_COLUMNS, run_attention
 from jepa_jax.bench.breakdown import BREAKDOWN_COLUMNS, run_breakdown
 from jepa_jax.bench.common import format_table
 from jepa_jax.bench.max_batch import MAX_BATCH_COLUMNS, run_max_batch
+from jepa_jax.bench.profile import PROFILE_COLUMNS, run_profile
 from jepa_jax.bench.train import TRAIN_COLUMNS, _child_main, run_train
 
 ATTENTION_IMPLS = ("cudnn", "xla", "reference")
@@ -34,8 +35,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("train", "vit_b16", "cudnn,xla,reference"),
         ("max-batch", "vit_h14", "cudnn,xla"),
         ("breakdown", "vit_h14", "cudnn"),
+        ("profile", "vit_h14", "cudnn"),
     ):
-        p = modes.add_parser(name, help=f"{name} with the real trainer step, one process per run")
+        p = modes.add_parser(name, help=f"{name} with the real trainer step")
         p.add_argument("--config", default=preset, help="preset of configs/default.py")
         p.add_argument(
             "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
@@ -43,9 +45,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.add_argument("--impls", default=impls)
         p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
     train, search = modes.choices["train"], modes.choices["max-batch"]
-    parts = modes.choices["breakdown"]
-    parts.add_argument("--per-device-batch", type=int, default=128)
+    parts, profile = modes.choices["breakdown"], modes.choices["profile"]
     parts.add_argument("--reps", type=int, default=10)
+    for p in (parts, profile):
+        p.add_argument("--per-device-batch", type=int, default=128)
+    profile.add_argument("--steps", type=int, default=3, help="traced steps")
+    profile.add_argument("--warmup", type=int, default=3, help="untraced steps after the first")
+    profile.add_argument("--top", type=int, default=25, help="kernel groups listed per impl")
+    profile.add_argument("--trace-dir", default="bench_trace", help="where the traces stay")
     train.add_argument("--per-device-batch", type=int, default=128)
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
@@ -70,6 +77,7 @@ MODES = {
     "train": (run_train, TRAIN_COLUMNS),
     "max-batch": (run_max_batch, MAX_BATCH_COLUMNS),
     "breakdown": (run_breakdown, BREAKDOWN_COLUMNS),
+    "profile": (run_profile, PROFILE_COLUMNS),
 }
 
 

@@ -7,6 +7,7 @@ import ast
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 # The repo root, where configs/ lives: three levels up from jepa_jax/bench/common.py.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +36,37 @@ def load_config(preset: str, overrides: Sequence[str] = ()):
         except (ValueError, SyntaxError):
             node[leaf] = text  # a bare word such as xla is a string
     return config
+
+
+class RealStep(NamedTuple):
+    """The real training step's inputs for one attention implementation, on all local devices."""
+
+    config: Any
+    mesh: Any
+    net: Any  # trainer.Networks
+    state: Any  # trainer.TrainState
+    tx: Any  # the optax optimizer
+    spec: Any  # masks.MaskSpec
+    batch: dict  # synthetic uint8 images and sampled masks, sharded over the mesh
+
+
+def real_step_inputs(args, impl: str) -> RealStep:
+    """--config with --set overrides, `impl` attention, --per-device-batch images per device."""
+    import jax
+    import numpy as np
+
+    from jepa_jax import masks, sharding, trainer
+
+    config = load_config(args.config, args.set)
+    config.model.attention = impl
+    config.batch_size = args.per_device_batch * jax.device_count()
+    mesh = sharding.make_mesh(config.mesh)
+    net, state, tx = trainer.build(config, mesh)
+    spec = masks.mask_spec(config)
+    side = config.model.image_size
+    images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), np.uint8)
+    batch = sharding.global_batch(mesh, trainer.local_batch(config, spec, images, 0))
+    return RealStep(config, mesh, net, state, tx, spec, batch)
 
 
 def _is_oom(text: str) -> bool:

@@ -1,0 +1,136 @@
+"""`profile` mode: a `jax.profiler` trace of the real training step, its GPU kernels grouped.
+
+Kernels are grouped by name with digits masked, so one group is one fusion kind or one GEMM
+kernel family summed over all layers, and classed as gemm, attention, copy or fusion. The trace
+itself stays under --trace-dir for Perfetto or TensorBoard. XLA runs the step as CUDA graphs,
+so kernels carry no HLO op names; XLA_FLAGS=--xla_gpu_enable_command_buffer= brings them back.
+On a CPU the trace holds host events only, and the kernel table is empty.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import time
+
+from jepa_jax.bench.common import real_step_inputs
+
+# First match wins: cuDNN's attention kernels also contain "gemm"-like words.
+KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "cudnn")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce")),
+    ("copy", ("memcpy", "memset")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in lowered for k in keys)), "fusion")
+
+
+def kernel_group(name: str) -> str:
+    """'loop_convert_fusion_17' and 'loop_convert_fusion_3' -> 'loop_convert_fusion_#'."""
+    return re.sub(r"\d+", "#", name)[:100]
+
+
+def device_kernels(trace) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel on a GPU stream in a Perfetto JSON trace."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e.get("tid")): e["args"]["name"] for e in meta if e.get("name") == "thread_name"
+    }
+    streams = {
+        key
+        for key, name in threads.items()
+        if "GPU" in processes.get(key[0], "") and "Stream" in name
+    }
+    return [
+        (e["name"], float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams
+    ]
+
+
+def kernel_table(kernels: list[tuple[str, float]], steps: int) -> list[dict]:
+    """Groups, largest first: ms and kernels per step, share of all kernel time."""
+    time_us, count = collections.Counter(), collections.Counter()
+    for name, duration in kernels:
+        time_us[kernel_group(name)] += duration
+        count[kernel_group(name)] += 1
+    total = sum(time_us.values()) or 1.0
+    return [
+        {
+            "group": group,
+            "kind": kernel_kind(group),
+            "ms_per_step": us / 1e3 / steps,
+            "kernels_per_step": count[group] / steps,
+            "share": us / total,
+        }
+        for group, us in time_us.most_common()
+    ]
+
+
+def profile_one(args, impl: str) -> tuple[list[dict], dict]:
+    """Trace --steps steps of the real step after --warmup; its kernel table and a summary."""
+    import jax
+
+    from jepa_jax import trainer
+
+    config, mesh, net, state, tx, _, batch = real_step_inputs(args, impl)
+    step = trainer.compile_step(config, net, tx, mesh, state)
+    for _ in range(args.warmup + 1):  # the first call compiles
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    trace_dir = os.path.join(args.trace_dir, impl)
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        table = kernel_table(device_kernels(json.load(f)), args.steps)
+    by_kind = collections.Counter()
+    for row in table:
+        by_kind[row["kind"]] += row["ms_per_step"]
+    summary = {
+        "impl": impl,
+        "traced_wall_ms_per_step": wall_ms,  # includes the profiler's own overhead
+        "kernel_ms_per_step": sum(by_kind.values()),
+        "kernel_ms_by_kind": dict(by_kind),
+        "trace_dir": trace_dir,
+    }
+    return [{"impl": impl, **row} for row in table[: args.top]], summary
+
+
+def run_profile(args) -> dict:
+    from jepa_jax.bench.common import _environment
+
+    rows, summaries = [], []
+    for impl in args.impls.split(","):
+        impl_rows, summary = profile_one(args, impl)
+        rows += impl_rows
+        summaries.append(summary)
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["kernel_ms_by_kind"].items()))
+        found = f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step ({kinds})"
+        if not impl_rows:
+            found = "no GPU kernels in the trace (on a CPU it holds host events only)"
+        print(f"{impl}: {found}; trace in {summary['trace_dir']}", flush=True)
+    return {"env": _environment(), "summaries": summaries, "rows": rows, "ratios": {}}
+
+
+PROFILE_COLUMNS = (
+    ("impl", lambda r: r["impl"], ""),
+    ("kernel group", lambda r: r["group"], ""),
+    ("kind", lambda r: r["kind"], ""),
+    ("ms/step", lambda r: r["ms_per_step"], ".2f"),
+    ("kernels/step", lambda r: r["kernels_per_step"], ".0f"),
+    ("share", lambda r: 100 * r["share"], ".1f"),
+)
