@@ -17,9 +17,9 @@ import os
 import re
 import time
 
-from jepa_jax.bench.common import real_step_inputs
+from jepa_jax.bench.common import _environment, real_step_inputs
 
-# First match wins: cuDNN's attention kernels also contain "gemm"-like words.
+# First match wins, so cuDNN's helper kernels (cudnn::fusion::...) count as attention.
 KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "cudnn")),
     ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce")),
@@ -111,8 +111,6 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
 
 
 def run_profile(args) -> dict:
-    from jepa_jax.bench.common import _environment
-
     rows, summaries = [], []
     for impl in args.impls.split(","):
         impl_rows, summary = profile_one(args, impl)
