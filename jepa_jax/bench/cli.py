@@ -43,8 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
         )
         p.add_argument("--impls", default=impls)
-        p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
     train, search = modes.choices["train"], modes.choices["max-batch"]
+    for p in (train, search):  # the modes that measure in subprocesses
+        p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
     parts, profile = modes.choices["breakdown"], modes.choices["profile"]
     parts.add_argument("--reps", type=int, default=10)
     for p in (parts, profile):

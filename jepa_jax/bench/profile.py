@@ -61,8 +61,9 @@ def kernel_table(kernels: list[tuple[str, float]], steps: int) -> list[dict]:
     """Groups, largest first: ms and kernels per step, share of all kernel time."""
     time_us, count = collections.Counter(), collections.Counter()
     for name, duration in kernels:
-        time_us[kernel_group(name)] += duration
-        count[kernel_group(name)] += 1
+        group = kernel_group(name)
+        time_us[group] += duration
+        count[group] += 1
     total = sum(time_us.values()) or 1.0
     return [
         {
