@@ -72,6 +72,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.3, 1.0)  # RandomResizedCrop area range
     c.data.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     c.data.builtin_size = 1024  # number of distinct procedural images in the builtin source
+    # A file that cannot be decoded (empty, truncated, not an image, decompression bomb): skip
+    # trains on the next readable image instead (same batches for any worker count, counted in
+    # each batch's `bad_images`, first few named in the log) | stop: raise naming the file.
+    c.data.on_bad_image = "skip"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3  # peak learning rate after warmup

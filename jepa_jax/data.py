@@ -1,14 +1,20 @@
 """Grain input pipeline: image sources, random resized crops, per-process sharding.
 
-The host produces uint8 batches {"images": [B_local, S, S, 3]}; `normalize` turns them into
-ImageNet-normalised float32 on device, so the host-to-device copy is 4x smaller.
+The host produces uint8 batches {"images": [B_local, S, S, 3], "bad_images": int32 [B_local]};
+`normalize` turns the images into ImageNet-normalised float32 on device, so the host-to-device
+copy is 4x smaller. bad_images is 1 where an undecodable file was replaced by a substitute.
+
+`python -m jepa_jax.data --check PATH` lists the files of a folder that cannot be decoded.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import sys
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -19,10 +25,15 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageDraw
 
+from jepa_jax import images as images_lib
+from jepa_jax.images import IMAGE_EXTENSIONS, BadImageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SOURCES = ("builtin", "folder")
+ON_BAD_IMAGE = ("skip", "stop")
+MAX_NAMED_BAD_IMAGES = 10  # per process: the log names this many bad files, then stays quiet
+_LOG = logging.getLogger(__name__)
 
 # Each pipeline element is a whole batch (batching happens on the MapDataset so output does not
 # depend on num_workers), so these threads build whole batches in parallel. Pillow releases the
@@ -86,16 +97,14 @@ def _procedural_image(index: int, side: int) -> np.ndarray:
 
 
 class FolderSource:
-    """Images under a folder (root/class/*.JPEG or flat), decoded with Pillow to RGB uint8."""
+    """Images under a folder (root/class/*.JPEG or flat), decoded with Pillow to RGB uint8.
+
+    An undecodable file raises BadImageError; `SubstituteBadImages` turns that into a substitute.
+    """
 
     def __init__(self, root: str):
         self.root = root
-        paths = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames.sort()  # os.walk order is filesystem order; sort for determinism
-            for name in sorted(filenames):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.relpath(os.path.join(dirpath, name), root))
+        paths = images_lib.list_images(root)
         # Fixed-width bytes pickle compactly: every grain worker gets a copy of this list.
         self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
 
@@ -106,19 +115,82 @@ class FolderSource:
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
 
     def __getitem__(self, index: int) -> np.ndarray:
-        path = self.path(index)
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            # Fail loudly: silently skipping would change batches and break exact resume.
-            raise ValueError(
-                f"cannot decode image {path!r} ({type(e).__name__}: {e}); "
-                "remove or replace this file and restart"
-            ) from e
+        return images_lib.decode_image(self.path(index))
 
     def __repr__(self) -> str:
         return f"FolderSource(root={self.root!r}, images={len(self)})"
+
+
+class SubstituteBadImages:
+    """Element i is {"image", "bad_images"}: image i, or if it cannot be decoded the next readable
+    one in source order (wrapping), with bad_images=1.
+
+    The substitute is a function of i alone, so batches stay the same for any number of workers
+    or processes and across resume. on_bad="stop" raises instead. Each process names its first
+    MAX_NAMED_BAD_IMAGES bad files in the log, once each.
+    """
+
+    def __init__(self, source, on_bad: str = "skip"):
+        self.source = source
+        self.on_bad = on_bad
+        self._init_log_state()
+
+    def _init_log_state(self) -> None:
+        self._lock = threading.Lock()  # grain reads with several threads
+        self._named: set[str] = set()
+
+    def __getstate__(self) -> dict:  # grain pickles the source into worker processes
+        return {"source": self.source, "on_bad": self.on_bad}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_log_state()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        size = len(self.source)
+        for offset in range(size):
+            try:
+                image = self.source[(index + offset) % size]
+            except BadImageError as e:
+                if self.on_bad == "stop":
+                    raise BadImageError(
+                        e.path,
+                        e.reason,
+                        "remove or replace the file (python -m jepa_jax.data --check DIR lists "
+                        "them all), or set config.data.on_bad_image=skip to train on substitutes",
+                    ) from None
+                self._name_once(e)
+                continue
+            return {"image": image, "bad_images": np.int32(offset > 0)}
+        raise ValueError(
+            f"none of the {size} images of {self.source!r} can be decoded; "
+            "check config.data.path with python -m jepa_jax.data --check PATH"
+        )
+
+    def _name_once(self, error: BadImageError) -> None:
+        with self._lock:
+            if error.path in self._named or len(self._named) > MAX_NAMED_BAD_IMAGES:
+                return
+            self._named.add(error.path)
+            last = len(self._named) > MAX_NAMED_BAD_IMAGES
+        if last:
+            _LOG.warning(
+                "more undecodable images are substituted but not named here (batches count them "
+                "in 'bad_images'); python -m jepa_jax.data --check PATH lists them all"
+            )
+        else:
+            _LOG.warning(
+                "bad image %s (%s): training on the next readable one instead "
+                "(config.data.on_bad_image=skip)",
+                error.path,
+                error.reason,
+            )
+
+    def __repr__(self) -> str:
+        return f"SubstituteBadImages({self.source!r}, on_bad={self.on_bad!r})"
 
 
 def crop_box(
@@ -166,15 +238,32 @@ def random_resized_crop(
 
 
 def _crop_example(
-    image: np.ndarray, rng: np.random.Generator, *, size: int, scale: tuple, ratio: tuple
+    example: dict, rng: np.random.Generator, *, size: int, scale: tuple, ratio: tuple
 ) -> dict[str, np.ndarray]:
-    return {"images": random_resized_crop(image, size, rng, scale, ratio)}
+    crop = random_resized_crop(example["image"], size, rng, scale, ratio)
+    return {"images": crop, "bad_images": example["bad_images"]}
 
 
-def _make_source(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSource:
+def _make_source(config: ml_collections.ConfigDict) -> SubstituteBadImages:
     """The configured random-access source; user mistakes raise one message saying the fix."""
+    on_bad = config.data.get("on_bad_image", "skip")  # configs written before the field: skip
+    if on_bad not in ON_BAD_IMAGE:
+        raise ValueError(
+            f"config.data.on_bad_image={on_bad!r} is invalid: choose one of "
+            f"{', '.join(ON_BAD_IMAGE)} (skip: train on the next readable image and count it)"
+        )
+    return SubstituteBadImages(_open_source(config), on_bad)
+
+
+def _open_source(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSource:
     source = config.data.source
     if source == "builtin":
+        if config.data.path:
+            raise ValueError(
+                f"config.data.path={config.data.path!r} is set but config.data.source='builtin' "
+                "trains on procedural images and ignores it; set --config.data.source=folder to "
+                "train on that folder, or --config.data.path='' for the built-in images"
+            )
         return BuiltinSource(int(config.data.builtin_size))
     if source != "folder":
         raise ValueError(
@@ -272,3 +361,7 @@ def normalize(images: jax.Array) -> jax.Array:
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
     return (images.astype(jnp.float32) - mean) / std
+
+
+if __name__ == "__main__":
+    sys.exit(images_lib.main())

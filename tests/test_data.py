@@ -1,14 +1,21 @@
 """Tests for the grain input pipeline: sources, crops, sharding, determinism, resume, errors."""
 
+import io
+import logging
 import os
+import pickle
+import re
+import subprocess
+import sys
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from configs.default import get_config
-from jepa_jax import data
+from jepa_jax import data, images
 
 
 def _config(**data_fields):
@@ -43,7 +50,7 @@ def _red_values(batches):
 
 def test_builtin_batches_have_shape_dtype_and_structure():
     batch = next(data.create_iterator(_config()))
-    assert set(batch) == {"images"}
+    assert set(batch) == {"images", "bad_images"}
     images = batch["images"]
     assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8
     # Every image has spatial structure, and images differ from each other.
@@ -238,14 +245,264 @@ def test_batch_size_not_divisible_by_processes():
         data.create_dataset(_config(), process_count=3)
 
 
-def test_corrupt_image_names_the_file_and_the_fix(tmp_path):
+def test_corrupt_image_with_on_bad_image_stop_names_the_file_and_the_fix(tmp_path):
     _write_coloured_pngs(tmp_path, 7)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg" * 10)
-    it = data.create_iterator(_config(source="folder", path=str(tmp_path)))
+    it = data.create_iterator(_config(source="folder", path=str(tmp_path), on_bad_image="stop"))
     with pytest.raises(ValueError, match="remove or replace") as err:
         next(it)
-    assert str(bad) in str(err.value)
+    message = str(err.value)
+    assert str(bad) in message and "not an image format" in message
+    assert "on_bad_image=skip" in message and "\n" not in message
+
+
+def test_on_bad_image_must_be_skip_or_stop():
+    with pytest.raises(ValueError, match=r"config\.data\.on_bad_image='ignore'.*skip, stop"):
+        data.create_dataset(_config(on_bad_image="ignore"))
+
+
+def test_path_with_builtin_source_stops_instead_of_ignoring_the_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.data\.path=.*source='builtin'") as err:
+        data.create_dataset(_config(path=str(tmp_path)))
+    assert "--config.data.source=folder" in str(err.value) and "\n" not in str(err.value)
+
+
+# --- bad and unusual image files --------------------------------------------------------------
+
+
+def _jpeg_bytes(size=(64, 64)):
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+BAD_FILES = {  # name: (bytes, what the reason says)
+    "empty.jpg": (b"", "empty file"),
+    "random.JPEG": (np.random.default_rng(0).bytes(2000), "not an image format"),
+    "text.png": (b"I am a text file\n" * 20, "not an image format"),
+    "truncated.jpg": (_jpeg_bytes()[:1500], "truncated"),
+    "heic.jpg": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "not an image"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_decode_image_rejects_bad_files_with_a_reason(tmp_path, name):
+    content, reason = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(images.BadImageError, match=re.escape(str(path))) as err:
+        images.decode_image(str(path))
+    assert err.value.path == str(path) and reason in err.value.reason
+    assert data.BadImageError is images.BadImageError and isinstance(err.value, ValueError)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # importing jepa_jax keeps it strict
+
+
+@pytest.mark.parametrize("side", [40, 64])  # Pillow warns above the limit, raises above twice it
+def test_decode_image_rejects_decompression_bombs(tmp_path, monkeypatch, side):
+    Image.new("RGB", (side, side)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(images.BadImageError, match="DecompressionBomb"):
+            images.decode_image(str(tmp_path / "bomb.png"))
+
+
+def _write_bad_folder(folder):
+    """12 PNGs (red = index) and 4 bad files, each sorting right after the image it stands for:
+    img003b -> img004, img007b and img007c -> img008, zzz (the last) wraps to img000."""
+    _write_coloured_pngs(folder, 12)
+    (folder / "img003b_empty.jpg").write_bytes(BAD_FILES["empty.jpg"][0])
+    (folder / "img007b_text.png").write_bytes(BAD_FILES["text.png"][0])
+    (folder / "img007c_truncated.jpg").write_bytes(BAD_FILES["truncated.jpg"][0])
+    (folder / "zzz_random.JPEG").write_bytes(BAD_FILES["random.JPEG"][0])
+    return ["img003b_empty.jpg", "img007b_text.png", "img007c_truncated.jpg", "zzz_random.JPEG"]
+
+
+def _batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_bad_images_are_replaced_by_the_next_readable_one_and_counted(tmp_path, caplog):
+    bad_names = _write_bad_folder(tmp_path)
+    it = data.create_iterator(_config(source="folder", path=str(tmp_path)))
+    with caplog.at_level(logging.WARNING, logger="jepa_jax.data"):
+        batches = _batches(it, 4)  # 16 files, batch 8: two epochs
+    for epoch in (batches[:2], batches[2:]):
+        reds = _red_values([b["images"] for b in epoch])
+        flags = np.concatenate([b["bad_images"] for b in epoch])
+        assert flags.dtype == np.int32 and flags.shape == (16,)
+        assert sorted(red for red, bad in zip(reds, flags, strict=True) if bad) == [0, 4, 8, 8]
+        assert sorted(red for red, bad in zip(reds, flags, strict=True) if not bad) == list(
+            range(12)
+        )
+    # Each bad file is named once, not once per epoch.
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4
+    assert all(sum(name in line for line in lines) == 1 for name in bad_names)
+
+
+def test_bad_image_substitutes_are_the_same_with_workers_and_on_resume(tmp_path):
+    _write_bad_folder(tmp_path)
+    config = _config(source="folder", path=str(tmp_path))
+    reference = _batches(data.create_iterator(config), 4)
+    it = data.create_iterator(config)
+    next(it)
+    resumed = data.create_iterator(config)
+    resumed.set_state(it.get_state())
+    workers = data.create_iterator(_config(source="folder", path=str(tmp_path), num_workers=2))
+    try:
+        with_workers = _batches(workers, 4)
+    finally:
+        workers.close()
+    for got in (with_workers, [None] + _batches(resumed, 3)):
+        for want, batch in zip(reference, got, strict=True):
+            if batch is not None:
+                np.testing.assert_array_equal(want["images"], batch["images"])
+                np.testing.assert_array_equal(want["bad_images"], batch["bad_images"])
+
+
+class _EveryThirdBad:
+    """Ten tiny images; those whose index is a multiple of 3 cannot be decoded."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        if index % 3 == 0:
+            raise images.BadImageError(f"file{index}", "broken")
+        return np.full((2, 2, 3), index, np.uint8)
+
+
+def test_substitute_wrapper_wraps_pickles_and_bounds_its_log(monkeypatch, caplog):
+    monkeypatch.setattr(data, "MAX_NAMED_BAD_IMAGES", 2)
+    wrapper = pickle.loads(pickle.dumps(data.SubstituteBadImages(_EveryThirdBad())))
+    with caplog.at_level(logging.WARNING, logger="jepa_jax.data"):
+        got = [wrapper[i] for i in list(range(10)) * 2]
+    assert [int(e["image"][0, 0, 0]) for e in got[:10]] == [1, 1, 2, 4, 4, 5, 7, 7, 8, 1]
+    assert [int(e["bad_images"]) for e in got[:10]] == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and "file0" in lines[0] and "file3" in lines[1]
+    assert "not named" in lines[2]
+
+    class AllBad(_EveryThirdBad):
+        def __getitem__(self, index):
+            raise images.BadImageError(f"file{index}", "broken")
+
+    with pytest.raises(ValueError, match="none of the 10 images"):
+        data.SubstituteBadImages(AllBad())[0]
+
+
+def _save_exif_rotated(path):
+    """32 wide x 16 high, left half red, right half blue, EXIF orientation 6 (turn 90 deg CW)."""
+    img = Image.new("RGB", (32, 16), (255, 0, 0))
+    img.paste((0, 0, 255), (16, 0, 32, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif.tobytes(), quality=95)
+    return (32, 16), {(4, 8): (255, 0, 0), (27, 8): (0, 0, 255)}, 12
+
+
+def _save_halves(mode, left, right, **save_args):
+    def save(path):
+        img = Image.new(mode, (12, 10), left)
+        img.paste(right, (6, 0, 12, 10))
+        if mode == "P":
+            img.putpalette([0, 0, 0, 10, 20, 30])
+        img.save(path, **save_args)
+        return (10, 12), {(5, 0): _rgb(mode, left), (5, 11): _rgb(mode, right, save_args)}, 0
+
+    return save
+
+
+def _rgb(mode, value, save_args=None):
+    """The colour a pixel value of `mode` should decode to (transparent: white)."""
+    if mode == "P":
+        if save_args and save_args.get("transparency") == value:
+            return (255, 255, 255)
+        return (0, 0, 0) if value == 0 else (10, 20, 30)
+    if mode == "LA":
+        return (value[0],) * 3 if value[1] == 255 else (255, 255, 255)
+    return value[:3] if value[3] == 255 else (255, 255, 255)  # RGBA
+
+
+def _save_plain(mode, value, size=(12, 10), expected=None, atol=0, fmt=None):
+    def save(path):
+        if mode == "I;16":
+            Image.fromarray(np.full(size[::-1], value, np.uint16)).save(path)
+        else:
+            Image.new(mode, size, value).save(path, fmt)
+        return size[::-1], {(0, 0): expected}, atol
+
+    return save
+
+
+UNUSUAL_FILES = {
+    "gray.png": _save_plain("L", 200, expected=(200, 200, 200)),
+    "cmyk.jpg": _save_plain("CMYK", (0, 255, 0, 0), (16, 16), (255, 0, 255), atol=8),
+    "deep16.png": _save_plain("I;16", 0x80FF, expected=(128, 128, 128)),  # scaled, not clipped
+    "palette.png": _save_halves("P", 0, 1),
+    "palette_alpha.png": _save_halves("P", 0, 1, transparency=1),
+    "rgba.png": _save_halves("RGBA", (0, 0, 255, 255), (255, 0, 0, 0)),
+    "la.png": _save_halves("LA", (50, 255), (50, 0)),
+    "exif_rotated.jpg": _save_exif_rotated,
+    "tiny.png": _save_plain("RGB", (9, 99, 199), (1, 1), (9, 99, 199)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL_FILES))
+def test_unusual_images_become_rgb_crops(tmp_path, name):
+    path = str(tmp_path / name)
+    shape, pixels, atol = UNUSUAL_FILES[name](path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. Pillow's palette-transparency warning
+        image = images.decode_image(path)
+    assert image.dtype == np.uint8 and image.shape == (*shape, 3)
+    for (y, x), rgb in pixels.items():
+        np.testing.assert_allclose(image[y, x], rgb, atol=atol, err_msg=f"pixel {(y, x)}")
+    crop = data.random_resized_crop(image, 32, np.random.default_rng(0), (0.3, 1.0), (3 / 4, 4 / 3))
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+
+
+def test_unusual_images_train_without_substitutes(tmp_path):
+    for name, save in UNUSUAL_FILES.items():
+        save(str(tmp_path / name))
+    batch = next(data.create_iterator(_config(source="folder", path=str(tmp_path))))
+    assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].dtype == np.uint8
+    assert batch["bad_images"].tolist() == [0] * 8
+
+
+def test_check_lists_bad_files_with_reasons_and_a_summary(tmp_path, capsys):
+    bad_names = _write_bad_folder(tmp_path)
+    assert images.main(["--check", str(tmp_path), "--workers", "2"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    bad_lines = [line for line in out if line.startswith("BAD ")]
+    assert [line.split(": ")[0] for line in bad_lines] == [
+        f"BAD {tmp_path / name}" for name in bad_names
+    ]
+    assert "empty file" in bad_lines[0] and "truncated" in bad_lines[2]
+    assert re.fullmatch(
+        r"checked 16 images under .* \([\d.]+ images/s, 2 threads\): 4 bad", out[-1]
+    )
+
+    clean = tmp_path / "clean"
+    _write_coloured_pngs(clean, 3)
+    report = images.check_folder(str(clean), workers=1)
+    assert (report.num_images, report.bad) == (3, []) and report.images_per_s > 0
+    assert images.main(["--check", str(clean)]) == 0
+    assert images.main(["--check", str(tmp_path / "missing")]) == 2
+
+
+def test_check_runs_as_a_module(tmp_path):
+    _write_coloured_pngs(tmp_path, 2)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "jepa_jax.data", "--check", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"BAD {tmp_path / 'empty.jpg'}: empty file" in result.stdout
+    assert "checked 3 images" in result.stdout and "1 bad" in result.stdout
 
 
 # --- normalisation ----------------------------------------------------------------------------
