@@ -3,37 +3,31 @@
 Usage: `python train.py --config=configs/default.py:PRESET --workdir=DIR`, with overrides such as
 `--config.model.attention=xla --config.total_steps=100 --config.batch_size=256`.
 
-Presets: tiny (seconds per step on a laptop CPU), vit_b16, vit_l16, vit_h14 (the released
-IN-1K recipe), vit_h16_448, vit_g16. Values follow the official release's code (see
-IJEPA_REFERENCE.md); where the paper text differs, the code wins.
+Presets (the table is jepa_jax/presets.py): tiny (seconds per step on a laptop CPU), vit_b16,
+vit_l16, and the released recipes vit_h14 (IN-1K), vit_h16_448 (IN-1K, 448 px), vit_h14_in22k
+and vit_g16 (IN-22K). Values follow the official release's code (see IJEPA_REFERENCE.md); where
+the paper text differs, the code wins.
 """
 
 import ml_collections
 
-# preset: (encoder variant, patch, image size, predictor depth, global batch, epochs, warmup epochs)
-PRESETS = {
-    "tiny": ("tiny", 16, 96, 2, 8, 1, 0),
-    "vit_b16": ("base", 16, 224, 6, 2048, 600, 40),
-    "vit_l16": ("large", 16, 224, 12, 2048, 600, 40),
-    "vit_h14": ("huge", 14, 224, 12, 2048, 300, 40),
-    "vit_h16_448": ("huge", 16, 448, 12, 2048, 300, 40),
-    "vit_g16": ("giant", 16, 224, 16, 2048, 44, 3),
-}
-IMAGENET_TRAIN_IMAGES = 1_281_167
+from jepa_jax.presets import MODELS, PRESETS
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in PRESETS:
         raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(PRESETS)}")
-    variant, patch, img_size, pred_depth, batch, epochs, warmup_epochs = PRESETS[arg]
+    recipe = PRESETS[arg]
+    model = MODELS[recipe.model]
     tiny = arg == "tiny"
-    steps_per_epoch = 8 if tiny else IMAGENET_TRAIN_IMAGES // batch
+    steps_per_epoch = recipe.dataset_images // recipe.batch_size
 
     c = ml_collections.ConfigDict()
     c.preset = arg  # informational: which preset these values came from
     c.seed = 0  # seeds parameters, data order, crops and masks
-    c.batch_size = batch  # GLOBAL batch over all devices and hosts
-    c.total_steps = epochs * steps_per_epoch if not tiny else 30  # optimizer steps of the run
+    c.batch_size = recipe.batch_size  # GLOBAL batch over all devices and hosts
+    # Optimizer steps of the run: the recipe's epochs over its dataset (ImageNet-1K or -22K).
+    c.total_steps = recipe.epochs * steps_per_epoch if not tiny else 30
     c.log_every = 10 if tiny else 100  # steps between metric fetches (stdout + metrics.jsonl)
     # Steps between checkpoints in WORKDIR/checkpoints (0: only at the end). SIGTERM/SIGINT also
     # save; rerunning the same command resumes exactly from the latest one.
@@ -41,15 +35,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # how many recent checkpoints to keep (>= 1)
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = variant  # encoder size: tiny, small, base, large, huge, giant
-    c.model.patch_size = patch  # pixels per patch side; image_size must be a multiple
-    c.model.image_size = img_size  # square crop side in pixels
-    c.model.pred_depth = pred_depth  # predictor blocks (6 for B, 12 for L/H, 16 for G)
+    c.model.variant = model.size  # encoder size: tiny, small, base, large, huge, giant
+    c.model.patch_size = model.patch_size  # pixels per patch side; image_size must be a multiple
+    c.model.image_size = 96 if tiny else model.image_size  # square crop side in pixels
+    c.model.pred_depth = 2 if tiny else model.pred_depth  # predictor blocks (6 B, 12 L/H, 16 G)
     c.model.pred_dim = 192 if tiny else 384  # predictor width (384 in every released model)
     # auto | cudnn | xla | reference. auto: cuDNN flash attention on a supported GPU, otherwise
     # the fastest correct path here. Parameters never depend on this choice.
     c.model.attention = "auto"
-    c.model.dtype = "bfloat16"  # compute dtype: bfloat16 | float32 (params always float32)
+    # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
+    # accumulation); the residual stream, LayerNorms, encoder output and targets use
+    # `residual_dtype`. Parameters are always float32. residual_dtype=bfloat16 is a faster, less
+    # faithful option (README: Precision).
+    c.model.dtype = "bfloat16"  # bfloat16 | float16 | float32
+    c.model.residual_dtype = "float32"  # float32 (the release) | bfloat16 | float16
     c.model.remat = False  # recompute block activations in the backward pass to save memory
     # Run the blocks as one scanned loop: compiles ~2.5x faster, but steps run 1.3-1.45x slower
     # on an H100 (BENCHMARKS.md). Off: the layers are unrolled.
@@ -64,6 +63,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Context tokens per image, fixed so the step compiles once; -1 derives it from the grid and
     # scales (the length upstream's per-batch trimming gives on average).
     c.mask.num_context_tokens = -1
+    # The release's per-GPU batch (128 for the 224-px IN-1K recipes, 16 for H/16-448 and G/16):
+    # it trims masks to the minimum over that many images, which -1 above reproduces on average.
+    c.mask.trim_batch = recipe.trim_batch
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "builtin"  # builtin (procedural images, no download) | folder
@@ -81,7 +83,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3  # peak learning rate after warmup
     c.optim.start_lr = 2e-4  # learning rate at step 0
     c.optim.final_lr = 1e-6  # learning rate at the last step (cosine)
-    c.optim.warmup_steps = warmup_epochs * steps_per_epoch if not tiny else 5
+    c.optim.warmup_steps = recipe.warmup_epochs * steps_per_epoch if not tiny else 5
     c.optim.weight_decay = (0.04, 0.4)  # cosine from first to second over the run
     c.optim.ema = (0.996, 1.0)  # target-encoder momentum, linear over the run
     c.optim.b1 = 0.9

@@ -71,9 +71,10 @@ def _reading(path: str, read: Callable[[], T]) -> T:
     raise error
 
 
-def check_compatible(saved: dict, config, path: str) -> None:
+def check_compatible(saved: dict, config, path: str, data_position: bool = True) -> None:
     """Raise ValueError naming every field that stops `config` from resuming the checkpoint."""
-    fields = [("model", f) for f in SHAPE_FIELDS] + [("data", "num_workers")]
+    fields = [("model", f) for f in SHAPE_FIELDS]
+    fields += [("data", "num_workers")] if data_position else []
     diffs = [
         f"config.{group}.{f}={config[group][f]!r} but the checkpoint has {saved[group].get(f)!r}"
         for group, f in fields
@@ -115,7 +116,8 @@ class Checkpointer:
         self.last_saved = self.latest_step
         if self.latest_step is not None:
             try:  # fail before anything is built or compiled
-                check_compatible(self._read(self.latest_step, "config"), config, self.path())
+                saved = self._read(self.latest_step, "config")
+                check_compatible(saved, config, self.path(), self.has_data_position())
             except Exception:
                 self.manager.close()
                 raise
@@ -127,6 +129,11 @@ class Checkpointer:
     def path(self, step: int | None = None) -> str:
         return os.path.join(self.directory, str(self.latest_step if step is None else step))
 
+    def has_data_position(self, step: int | None = None) -> bool:
+        """False for a checkpoint converted from the PyTorch release (jepa_jax.convert): it
+        holds no data position, so the data starts from the beginning, with any num_workers."""
+        return os.path.isdir(os.path.join(self.path(step), "data"))
+
     def _read(self, step: int, item: str, args=None):
         """One item of one step; anything unreadable becomes the corrupt-checkpoint message."""
         args = ocp.args.Composite(**{item: args or ocp.args.JsonRestore()})
@@ -136,7 +143,7 @@ class Checkpointer:
         """The latest state laid out as `target` (abstract arrays); moves `iterator` to match."""
         step = self.latest_step
         state = self._read(step, "state", ocp.args.StandardRestore(target))
-        if iterator is not None:
+        if iterator is not None and self.has_data_position(step):
             index, count = jax.process_index(), jax.process_count()
             name = f"process_{index}-of-{count}.json"  # grain's file name for this process
             if not os.path.exists(os.path.join(self.path(step), "data", name)):
@@ -244,7 +251,8 @@ def load_encoder(
         step_dir, lambda: ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
     )
     config = ml_collections.ConfigDict(saved)
-    m = config.model
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    m.residual_dtype = "float32"  # float32 features whatever the run trained with
     choice = models.resolve_attention(models.SIZES[m.variant], m.pred_dim, attention, m.dtype)
     graphdef, abstract = nnx.split(
         nnx.eval_shape(lambda: models.from_config(m, attention=choice).encoder)

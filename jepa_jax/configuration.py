@@ -23,7 +23,8 @@ def validate(config) -> None:
         m.attention,
         f"choose one of {list(IMPLEMENTATIONS)}",
     )
-    _require(m.dtype in DTYPES, "model.dtype", m.dtype, f"choose one of {list(DTYPES)}")
+    for field in ("dtype", "residual_dtype"):
+        _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
     _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be a positive integer")
     _require(
         m.image_size > 0 and m.image_size % m.patch_size == 0,

@@ -24,8 +24,8 @@ import math
 import numpy as np
 
 MAX_TRIES = 100  # redraws of one image's positions before the config is declared infeasible
-REFERENCE_BATCH = 128  # upstream's per-GPU batch: num_context is its mean trimmed length
-_DERIVE_BATCHES = 256  # Monte Carlo batches for that mean (fixed seed: deterministic)
+_DERIVE_STRATA = 16  # 16 x 16 block-size cells for that mean (deterministic)
+_DERIVE_IMAGES_PER_CELL = 128  # images per cell: 128 // trim_batch batches
 _DERIVE_SEED = 20230613
 _STREAM_TAG = 0x6D61736B  # "mask": keeps this stream apart from other users of the same seed
 
@@ -42,6 +42,7 @@ class MaskSpec:
     min_keep: int
     num_context: int  # K_ctx: exact context tokens per image (fixed)
     max_target: int  # K_tgt: largest possible target block h*w (padding length)
+    trim_batch: int = 128  # upstream's per-GPU batch: a derived num_context is its mean trim
 
 
 # ---------------------------------------------------------------------------- block sizes
@@ -106,29 +107,33 @@ def _rects(top: np.ndarray, left: np.ndarray, h: int, w: int, grid: tuple[int, i
     return (rows[..., :, None] & cols[..., None, :]).reshape(*top.shape, H * W)
 
 
-def _draw_positions(n: int, spec: MaskSpec, tgt_hw, ctx_hw, rng: np.random.Generator):
+def _draw_positions(
+    n: int, spec: MaskSpec, tgt_hw, ctx_hw, rng: np.random.Generator, upstream: bool = False
+):
     """Target (top, left) [n, M] each and the context mask [n, H*W] for n images."""
     H, W = spec.grid
     (th, tw), (ch, cw) = tgt_hw, ctx_hw
     # Inclusive upper bounds. Upstream draws from [0, H - h) and so never covers the last row
-    # or column (facebookresearch/ijepa open PR #40); that bug is fixed here.
-    t_top = rng.integers(0, H - th + 1, size=(n, spec.num_targets))
-    t_left = rng.integers(0, W - tw + 1, size=(n, spec.num_targets))
-    c_top = rng.integers(0, H - ch + 1, size=n)
-    c_left = rng.integers(0, W - cw + 1, size=n)
+    # or column (facebookresearch/ijepa open PR #40); that bug is fixed here, and reproduced
+    # (`upstream`) only to derive the context length upstream trains with.
+    end = 0 if upstream else 1
+    t_top = rng.integers(0, H - th + end, size=(n, spec.num_targets))
+    t_left = rng.integers(0, W - tw + end, size=(n, spec.num_targets))
+    c_top = rng.integers(0, H - ch + end, size=n)
+    c_left = rng.integers(0, W - cw + end, size=n)
     targets = _rects(t_top, t_left, th, tw, spec.grid).any(axis=1)
     context = _rects(c_top, c_left, ch, cw, spec.grid) & ~targets
     return t_top, t_left, context
 
 
-def _place(batch_size: int, spec: MaskSpec, tgt_hw, ctx_hw, need: int, rng):
+def _place(batch_size: int, spec: MaskSpec, tgt_hw, ctx_hw, need: int, rng, upstream=False):
     """Positions for a batch; images whose context has fewer than `need` tokens are redrawn."""
-    t_top, t_left, context = _draw_positions(batch_size, spec, tgt_hw, ctx_hw, rng)
+    t_top, t_left, context = _draw_positions(batch_size, spec, tgt_hw, ctx_hw, rng, upstream)
     bad = np.flatnonzero(context.sum(axis=1) < need)
     for _ in range(MAX_TRIES):
         if bad.size == 0:
             break
-        redrawn = _draw_positions(bad.size, spec, tgt_hw, ctx_hw, rng)
+        redrawn = _draw_positions(bad.size, spec, tgt_hw, ctx_hw, rng, upstream)
         t_top[bad], t_left[bad], context[bad] = redrawn
         bad = bad[context[bad].sum(axis=1) < need]
     if bad.size:
@@ -183,13 +188,28 @@ def mask_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generato
 
 @functools.lru_cache(maxsize=32)
 def _derive_num_context(spec: MaskSpec) -> int:
-    """Mean over batches of 128 of the smallest per-image context count: upstream's length."""
+    """The mean length upstream trains with: it trims every image's context to the minimum
+    over its per-GPU batch (`trim_batch` images), with its own position bounds.
+
+    Block sizes run over a stratified grid of the two uniform draws rather than random ones
+    (the sizes move the minimum most), with as many images per cell whatever trim_batch is:
+    the estimate then sits within about a token of the true mean, deterministically.
+    """
     rng = np.random.default_rng(_DERIVE_SEED)
+    strata = (np.arange(_DERIVE_STRATA) + 0.5) / _DERIVE_STRATA
+    batches_per_cell = max(1, _DERIVE_IMAGES_PER_CELL // spec.trim_batch)
     minima = []
-    for _ in range(_DERIVE_BATCHES):
-        tgt, ctx = _draw_sizes(spec, rng)
-        _, _, context = _place(REFERENCE_BATCH, spec, tgt, ctx, spec.min_keep, rng)
-        minima.append(context.sum(axis=1).min())
+    for r_target in strata:
+        tgt = _block_size(spec.grid, spec.target_scale, spec.target_aspect, r_target)
+        for r_context in strata:
+            ctx = _block_size(spec.grid, spec.context_scale, (1.0, 1.0), r_context)
+            sizes = (int(tgt[0]), int(tgt[1])), (int(ctx[0]), int(ctx[1]))
+            for _ in range(batches_per_cell):
+                # need min_keep + 1: upstream redraws contexts of min_keep tokens or fewer
+                _, _, context = _place(
+                    spec.trim_batch, spec, *sizes, spec.min_keep + 1, rng, upstream=True
+                )
+                minima.append(context.sum(axis=1).min())
     return max(int(round(float(np.mean(minima)))), spec.min_keep)
 
 
@@ -237,6 +257,7 @@ def mask_spec(config) -> MaskSpec:
     largest = " (the largest context block for this grid and config.mask.context_scale)"
     min_keep = _check_int("min_keep", m.min_keep, 1, ctx_area, largest)
     n_ctx = m.num_context_tokens
+    trim_batch = _check_int("trim_batch", m.get("trim_batch", 128), 1, 1 << 20)
     if n_ctx != -1:
         _check_int("num_context_tokens", n_ctx, 1, ctx_area, largest + ", or -1 to derive it")
     spec = MaskSpec(
@@ -248,6 +269,7 @@ def mask_spec(config) -> MaskSpec:
         min_keep=min_keep,
         num_context=int(n_ctx),
         max_target=int(_reachable_sizes(grid, target_scale, target_aspect).prod(axis=1).max()),
+        trim_batch=trim_batch,
     )
     if n_ctx == -1:
         spec = dataclasses.replace(spec, num_context=_derive_num_context(spec))
@@ -293,7 +315,7 @@ def run(config, num_batches: int, batch_size: int | None = None, png: str | None
     """Statistics of num_batches batches drawn as the trainer draws them (steps 0, 1, ...)."""
     spec = mask_spec(config)
     H, W = spec.grid
-    batch_size = batch_size or min(config.batch_size, REFERENCE_BATCH)
+    batch_size = batch_size or min(config.batch_size, spec.trim_batch)
     ctx_tokens = tgt_tokens = overlap = edge_hits = 0
     last_row_col = np.zeros((H, W), bool)
     last_row_col[-1], last_row_col[:, -1] = True, True
@@ -336,7 +358,9 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "configs/default.py:PRESET", lock_config=True)
     flags.DEFINE_integer("num_batches", 200, "batches to draw")
-    flags.DEFINE_integer("batch_size", None, "images per batch (default min(batch_size, 128))")
+    flags.DEFINE_integer(
+        "batch_size", None, "images per batch (default min(batch_size, mask.trim_batch))"
+    )
     flags.DEFINE_string("png", None, "write a picture of the first batch's masks here")
     flags.mark_flag_as_required("config")
     _FLAGS = flags.FLAGS

@@ -1,6 +1,7 @@
 """Tests for the multi-block mask sampler (numpy, CPU)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def test_infeasible_context_length_raises_clearly():
         ("mask.min_keep", 0),
         ("mask.num_context_tokens", 0),
         ("mask.num_context_tokens", 10_000),
+        ("mask.trim_batch", 0),
         ("model.image_size", 225),
     ],
 )
@@ -203,3 +205,69 @@ def test_cli_prints_one_json_line(tmp_path):
     assert stats["context_target_overlap"] == 0
     assert stats["shapes"]["target_idx"][0] == 16
     assert png.exists()
+
+
+# ------------------------------------------------ a port of the release's MaskCollator (numpy)
+
+
+def _release_block_size(grid, scale, aspect, r):
+    """The release's size rule: one uniform r sets both the area and the aspect ratio."""
+    H, W = grid
+    n = int(H * W * (scale[0] + r * (scale[1] - scale[0])))
+    ar = aspect[0] + r * (aspect[1] - aspect[0])
+    h, w = int(round(math.sqrt(n * ar))), int(round(math.sqrt(n / ar)))
+    return min(h, H - 1), min(w, W - 1)  # its `while h >= H: h -= 1`
+
+
+def _release_rects(grid, top, left, h, w):
+    H, W = grid
+    rows = (np.arange(H) >= top[..., None]) & (np.arange(H) < top[..., None] + h)
+    cols = (np.arange(W) >= left[..., None]) & (np.arange(W) < left[..., None] + w)
+    return (rows[..., :, None] & cols[..., None, :]).reshape(*top.shape, H * W)
+
+
+def _release_trimmed_context(grid, batch, r_target, r_context, rng, min_keep=10, num_targets=4):
+    """The context length the release trains with for one batch: every image's context is
+    trimmed to the batch minimum. Positions use its exclusive bounds [0, H - h); an image's
+    context block is redrawn (targets kept) until it keeps more than min_keep tokens, and after
+    every 20 failures one more target stops constraining it."""
+    H, W = grid
+    th, tw = _release_block_size(grid, (0.15, 0.2), (0.75, 1.5), r_target)
+    ch, cw = _release_block_size(grid, (0.85, 1.0), (1.0, 1.0), r_context)
+    top, left = (
+        rng.integers(0, H - th, (batch, num_targets)),
+        rng.integers(0, W - tw, (batch, num_targets)),
+    )
+    outside = ~_release_rects(grid, top, left, th, tw)  # [B, M, H*W]
+    counts, failures, pending = np.zeros(batch, int), np.zeros(batch, int), np.arange(batch)
+    while pending.size:
+        n = pending.size
+        block = _release_rects(grid, rng.integers(0, H - ch, n), rng.integers(0, W - cw, n), ch, cw)
+        used = np.arange(num_targets) < (num_targets - failures[pending] // 20)[:, None]
+        kept = (block & (outside[pending] | ~used[..., None]).all(axis=1)).sum(axis=1)
+        ok = kept > min_keep
+        counts[pending[ok]] = kept[ok]
+        failures[pending[~ok]] += 1
+        pending = pending[~ok]
+    return counts.min()
+
+
+@pytest.mark.parametrize(
+    "preset", ["vit_b16", "vit_l16", "vit_h14", "vit_h16_448", "vit_h14_in22k", "vit_g16"]
+)
+def test_derived_context_length_matches_the_release_collator(preset):
+    """num_context_tokens=-1 gives the mean length the release trims to over its per-GPU batch
+    (128 for the 224-px IN-1K recipes, 32 for IN-22K H/14, 16 for H/16-448 and G/16)."""
+    config = get_config(preset)
+    spec = masks.mask_spec(config)
+    assert spec.trim_batch == config.mask.trim_batch
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    strata = (np.arange(32) + rng.random()) / 32  # a stratified grid of size draws, fresh offset
+    per_cell = max(1, 32 // spec.trim_batch)  # as many images in each cell at every trim
+    minima = [
+        _release_trimmed_context(spec.grid, spec.trim_batch, rt, rc, rng)
+        for rt in strata
+        for rc in strata
+        for _ in range(per_cell)
+    ]
+    assert abs(np.mean(minima) - spec.num_context) <= 2, (np.mean(minima), spec.num_context)

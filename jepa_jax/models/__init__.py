@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
+from jepa_jax import presets
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
 
@@ -23,13 +23,8 @@ __all__ = [
     "VisionTransformer",
     "create",
     "from_config",
-    "parse",
     "resolve_attention",
 ]
-
-_SHORT = {"t": "tiny", "s": "small", "b": "base", "l": "large", "h": "huge", "g": "giant"}
-# Predictor depth of the released recipes, by encoder size.
-PRED_DEPTH = {"tiny": 6, "small": 6, "base": 6, "large": 12, "huge": 12, "giant": 16}
 
 
 @dataclasses.dataclass
@@ -51,38 +46,36 @@ def layer_counts(encoder: VisionTransformer, predictor: Predictor) -> dict[str, 
     return {"encoder": depth, "target encoder": depth, "predictor": predictor.blocks.depth}
 
 
-def parse(variant: str) -> tuple[str, int, int]:
-    """'vit_h14' -> ('huge', 14, 224); 'vit_h16_448' -> ('huge', 16, 448)."""
-    match = re.fullmatch(r"vit_([a-z]+?)(\d+)(?:_(\d+))?", variant)
-    size = match and _SHORT.get(match[1], match[1])
-    if size not in SIZES:
-        names = ", ".join(f"vit_{s[0]}16" for s in SIZES)
-        raise ValueError(f"variant {variant!r}: expected vit_<size><patch>[_<image>], e.g. {names}")
-    return size, int(match[2]), int(match[3] or 224)
-
-
 def create(
-    variant: str = "vit_b16",
+    name: str = "vit_b16",
     *,
     attention: str = "auto",
     image_size: int | None = None,
     pred_depth: int | None = None,
     pred_dim: int = 384,
     dtype: str = "bfloat16",
+    residual_dtype: str = "float32",
     remat: bool = False,
     scan_layers: bool = False,
     seed: int = 0,
 ) -> IJEPA:
-    """Encoder, target encoder (an exact copy) and predictor, all calling one attention fn."""
-    size_name, patch, default_image = parse(variant)
+    """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
+    `presets.MODELS`: vit_t16 ... vit_g16), all calling one attention fn.
+
+    `dtype` is the matmul and attention dtype; `residual_dtype` that of the residual stream,
+    LayerNorms and outputs (float32: the release's autocast; bfloat16: faster, less faithful).
+    """
+    spec = presets.model_spec(name)
+    size = SIZES[spec.size]
     return build(
-        SIZES[size_name],
-        patch_size=patch,
-        image_size=image_size or default_image,
-        pred_depth=pred_depth or PRED_DEPTH[size_name],
+        size,
+        patch_size=spec.patch_size,
+        image_size=image_size or spec.image_size,
+        pred_depth=pred_depth or spec.pred_depth,
         pred_dim=pred_dim,
-        attention=resolve_attention(SIZES[size_name], pred_dim, attention, dtype),
+        attention=resolve_attention(size, pred_dim, attention, dtype),
         dtype=dtype,
+        residual_dtype=residual_dtype,
         remat=remat,
         scan_layers=scan_layers,
         seed=seed,
@@ -111,6 +104,7 @@ def from_config(
             model_config.dtype,
         ),
         dtype=model_config.dtype,
+        residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
         remat=model_config.remat,
         scan_layers=model_config.scan_layers,
         seed=seed,
@@ -136,6 +130,7 @@ def build(
     pred_dim: int,
     attention: attention_lib.Choice,
     dtype: str,
+    residual_dtype: str,
     remat: bool,
     scan_layers: bool,
     seed: int,
@@ -143,7 +138,12 @@ def build(
     """The three networks, every attention layer calling `attention`'s implementation."""
     rngs = nnx.Rngs(seed)
     common = dict(
-        attn_fn=attention.fn, dtype=jnp.dtype(dtype), remat=remat, scan=scan_layers, rngs=rngs
+        attn_fn=attention.fn,
+        dtype=jnp.dtype(dtype),
+        residual_dtype=jnp.dtype(residual_dtype),
+        remat=remat,
+        scan=scan_layers,
+        rngs=rngs,
     )
     encoder = VisionTransformer(size, patch_size=patch_size, image_size=image_size, **common)
     predictor = Predictor(

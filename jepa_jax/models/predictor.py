@@ -28,12 +28,13 @@ class Predictor(nnx.Module):
         grid: tuple[int, int],
         attn_fn: AttentionFn,
         dtype=jnp.float32,
+        residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
-        self.dtype = dtype
+        self.residual_dtype = residual_dtype
         self.embed = _linear(embed_dim, pred_dim, dtype, rngs)
         self.mask_token = nnx.Param(dense_init(rngs.params(), (pred_dim,)))
         self.blocks = BlockStack(
@@ -43,11 +44,12 @@ class Predictor(nnx.Module):
             4 * pred_dim,
             attn_fn,
             dtype=dtype,
+            residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
             rngs=rngs,
         )
-        self.norm = _layer_norm(pred_dim, dtype, rngs)
+        self.norm = _layer_norm(pred_dim, residual_dtype, rngs)
         self.proj = _linear(pred_dim, embed_dim, dtype, rngs)
 
     def __call__(
@@ -59,10 +61,15 @@ class Predictor(nnx.Module):
     ) -> jax.Array:  # [B, M, Kt, D]
         b, kc, _ = context.shape
         m, kt = target_idx.shape[1:]
-        pos = jnp.asarray(sincos_pos_embed(self.embed.out_features, *self.grid), self.dtype)
+        # As in the encoder: matmuls in bf16, the stream (positions, mask token) in residual_dtype.
+        pos = jnp.asarray(
+            sincos_pos_embed(self.embed.out_features, *self.grid), self.residual_dtype
+        )
         x = self.embed(context) + pos[context_idx]
         x = jnp.repeat(x, m, axis=0)  # [B*M, Kc, Dp], block-major within each image
-        queries = self.mask_token[...].astype(self.dtype) + pos[target_idx.reshape(b * m, kt)]
+        queries = (
+            self.mask_token[...].astype(self.residual_dtype) + pos[target_idx.reshape(b * m, kt)]
+        )
         seq = jnp.concatenate([x, queries], axis=1)
         seq = self.blocks(seq, kv_lengths=kc + target_len.reshape(b * m).astype(jnp.int32))
         out = self.proj(self.norm(seq[:, kc:]))

@@ -1,6 +1,10 @@
 """Vision Transformer encoder as in I-JEPA: linear patch embed, fixed 2-D sin-cos positions,
 pre-norm blocks, final LayerNorm, no cls token.
 
+Precision follows the release's bf16 autocast: every Linear casts its input to `dtype` (bf16)
+and returns `dtype`, while the residual stream, positions and LayerNorms stay in
+`residual_dtype` (float32 by default), so block outputs and the encoder output are float32.
+
 Blocks are stored stacked (leading `depth` axis) and applied by `BlockStack`, either unrolled
 (the default: fastest steps) or as one scanned block (fastest compile).
 """
@@ -61,6 +65,7 @@ def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm computing and returning `dtype` (the residual dtype: float32 as under autocast)."""
     return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
 
@@ -109,16 +114,20 @@ gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x))."""
+    """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
-    def __init__(self, dim, heads, mlp_hidden, attn_fn, *, dtype, rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(dim, dtype, rngs)
+    Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
+    """
+
+    def __init__(self, dim, heads, mlp_hidden, attn_fn, *, dtype, residual_dtype, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(dim, residual_dtype, rngs)
         self.attn = Attention(dim, heads, attn_fn, dtype=dtype, rngs=rngs)
-        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.norm2 = _layer_norm(dim, residual_dtype, rngs)
         self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
         self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x + self.attn(self.norm1(x), kv_lengths)
         return x + self.fc2(gelu(self.fc1(self.norm2(x))))
 
@@ -132,7 +141,18 @@ class BlockStack(nnx.Module):
     """
 
     def __init__(
-        self, depth, dim, heads, mlp_hidden, attn_fn, *, dtype, remat, scan, rngs: nnx.Rngs
+        self,
+        depth,
+        dim,
+        heads,
+        mlp_hidden,
+        attn_fn,
+        *,
+        dtype,
+        residual_dtype,
+        remat,
+        scan,
+        rngs: nnx.Rngs,
     ):
         self.depth = depth
         self.remat = remat
@@ -141,7 +161,15 @@ class BlockStack(nnx.Module):
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
-            return Block(dim, heads, mlp_hidden, attn_fn, dtype=dtype, rngs=rngs)
+            return Block(
+                dim,
+                heads,
+                mlp_hidden,
+                attn_fn,
+                dtype=dtype,
+                residual_dtype=residual_dtype,
+                rngs=rngs,
+            )
 
         self.layers = make(rngs)
 
@@ -165,16 +193,6 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def _torch_default_conv_init(fan_in: int):
-    """PyTorch's Conv2d default, U(+-1/sqrt(fan_in)): the release kept it for the patch embed."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
 class VisionTransformer(nnx.Module):
     """The I-JEPA encoder. `token_idx` [B, K] keeps only those patches (the context)."""
 
@@ -186,6 +204,7 @@ class VisionTransformer(nnx.Module):
         image_size: int,
         attn_fn: AttentionFn,
         dtype=jnp.float32,
+        residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
         rngs: nnx.Rngs,
@@ -197,18 +216,12 @@ class VisionTransformer(nnx.Module):
         self.size = size
         self.grid = (image_size // patch_size,) * 2
         self.dtype = dtype
+        self.residual_dtype = residual_dtype
         self.patch_size = patch_size
-        fan_in = 3 * patch_size * patch_size
         # The release's stride-p conv, as the matmul it is: cuDNN ran the 3-channel conv as a
-        # slow implicit GEMM on the H100 (BENCHMARKS.md). Its kernel is the conv's, flattened.
-        self.patch_embed = nnx.Linear(
-            fan_in,
-            size.width,
-            kernel_init=_torch_default_conv_init(fan_in),
-            bias_init=_torch_default_conv_init(fan_in),
-            dtype=dtype,
-            rngs=rngs,
-        )
+        # slow implicit GEMM on the H100 (BENCHMARKS.md). Its kernel is the conv's, flattened,
+        # and starts as the release's did: the encoder's init gives the conv N(0, 0.02), bias 0.
+        self.patch_embed = _linear(3 * patch_size * patch_size, size.width, dtype, rngs)
         self.blocks = BlockStack(
             size.depth,
             size.width,
@@ -216,16 +229,18 @@ class VisionTransformer(nnx.Module):
             size.mlp_hidden,
             attn_fn,
             dtype=dtype,
+            residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
             rngs=rngs,
         )
-        self.norm = _layer_norm(size.width, dtype, rngs)
+        self.norm = _layer_norm(size.width, residual_dtype, rngs)
 
     def __call__(self, images: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
         patches = patchify(images.astype(self.dtype), self.patch_size)
-        pos = jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.dtype)
+        pos = jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.residual_dtype)
         if token_idx is not None:  # embed only the kept patches
             patches = jnp.take_along_axis(patches, token_idx[..., None], axis=1)
             pos = pos[token_idx]
+        # The bf16 embedding plus the residual-dtype positions starts the stream in that dtype.
         return self.norm(self.blocks(self.patch_embed(patches) + pos))
