@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -195,7 +196,7 @@ def test_load_encoder_matches_training_encoder(reference, reference_state, capsy
         params = jax.device_put(params, jax.devices()[0])
         expected = nnx.merge(net.encoder, params)(x)
         got = encoder(x)
-        assert got.shape == (2, (96 // 16) ** 2, 192)
+        assert got.shape == (2, (96 // 16) ** 2, 192) and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32))
     out = capsys.readouterr().out
     loaded = "Loaded the target (EMA) encoder (tiny, patch 16, 96px, attention reference)"
