@@ -1,8 +1,12 @@
-"""Startup validation of a config: one clear message per bad field, before anything runs."""
+"""Startup validation of a whole config, once: one clear message per bad field, before anything
+runs. Each rule lives here, except the mask fields', which `masks.mask_spec` owns and this calls.
+Modules downstream trust a validated config."""
 
 from __future__ import annotations
 
+from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
+from jepa_jax.data import ON_BAD_IMAGE, SOURCES
 from jepa_jax.models.vit import SIZES
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -53,3 +57,17 @@ def validate(config) -> None:
         _require(o[field] >= 0, f"optim.{field}", o[field], "learning rates must be >= 0")
     _require(all(0 <= v <= 1 for v in o.ema), "optim.ema", o.ema, "momenta must lie in [0, 1]")
     _require(min(o.weight_decay) >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    d = config.data
+    _require(d.source in SOURCES, "data.source", d.source, f"choose one of {list(SOURCES)}")
+    on_bad = d.get("on_bad_image", "skip")
+    _require(
+        on_bad in ON_BAD_IMAGE,
+        "data.on_bad_image",
+        on_bad,
+        f"choose one of {list(ON_BAD_IMAGE)} (skip: train on the next readable image, counted)",
+    )
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0 (0: in-process)")
+    for field in ("crop_scale", "crop_ratio"):
+        lo, hi = d[field]
+        _require(0 < lo <= hi, f"data.{field}", d[field], "a pair (lo, hi) with 0 < lo <= hi")
+    masks.mask_spec(config)  # the mask fields' own checks

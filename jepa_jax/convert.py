@@ -571,7 +571,7 @@ def to_workdir(path: str, out: str, config=None, say=print) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(
-        f"Wrote {out} (step 0, config: {origin}). Features: checkpoint.load_encoder({out!r}, "
+        f"Wrote {out} (step 0, config: {origin}). Features: jepa_jax.models.load_encoder({out!r}, "
         'which="target" or "context"); training: python train.py --config=... '
         f"--workdir={out}"
     )

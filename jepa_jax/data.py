@@ -1,6 +1,8 @@
-"""Grain input pipeline: image sources, random resized crops, per-process sharding.
+"""The input side, one place: image sources -> random resized crops -> complete batches with
+their masks, this process's slice of each global batch.
 
-The host produces uint8 batches {"images": [B_local, S, S, 3], "bad_images": int32 [B_local]};
+The host produces {"images": uint8 [L, S, S, 3], "context_idx", "target_idx", "target_len",
+"bad_images": int32 [L]} (`create_iterator`); the trainer places it on the mesh and
 `normalize` turns the images into ImageNet-normalised float32 on device, so the host-to-device
 copy is 4x smaller. bad_images is 1 where an undecodable file was replaced by a substitute.
 
@@ -26,6 +28,7 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 from jepa_jax import images as images_lib
+from jepa_jax import masks
 from jepa_jax.images import IMAGE_EXTENSIONS, BadImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -247,11 +250,6 @@ def _crop_example(
 def _make_source(config: ml_collections.ConfigDict) -> SubstituteBadImages:
     """The configured random-access source; user mistakes raise one message saying the fix."""
     on_bad = config.data.get("on_bad_image", "skip")  # configs written before the field: skip
-    if on_bad not in ON_BAD_IMAGE:
-        raise ValueError(
-            f"config.data.on_bad_image={on_bad!r} is invalid: choose one of "
-            f"{', '.join(ON_BAD_IMAGE)} (skip: train on the next readable image and count it)"
-        )
     return SubstituteBadImages(_open_source(config), on_bad)
 
 
@@ -265,11 +263,6 @@ def _open_source(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSou
                 "train on that folder, or --config.data.path='' for the built-in images"
             )
         return BuiltinSource(int(config.data.builtin_size))
-    if source != "folder":
-        raise ValueError(
-            f"config.data.source={source!r} is not a known source; "
-            f"set it to one of {', '.join(SOURCES)}"
-        )
     path = config.data.path
     if not path:
         raise ValueError(
@@ -292,40 +285,23 @@ def _open_source(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSou
     return folder
 
 
-def create_dataset(
-    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
-) -> grain.IterDataset:
-    """Infinite, seeded stream of {"images": uint8 [B_local, S, S, 3]} for this process."""
-    if config.batch_size < 1 or config.batch_size % process_count:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} must be a positive multiple of the number of "
-            f"processes ({process_count}); set config.batch_size to a multiple of {process_count}"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if config.data.num_workers < 0:
-        raise ValueError(
-            f"config.data.num_workers={config.data.num_workers} must be >= 0 (0: in-process)"
-        )
-    local_batch = config.batch_size // process_count
+def image_dataset(config: ml_collections.ConfigDict) -> grain.MapDataset:
+    """The run's infinite stream of crops: element i is {"images": uint8 [S, S, 3], "bad_images"},
+    a pure function of (config.seed, i). Epoch e is a fresh shuffle of the whole source."""
     source = _make_source(config)
-
-    # Each process reads a disjoint strided slice, so hosts never duplicate images.
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < local_batch:
-        fix = (
-            "raise config.data.builtin_size"
-            if config.data.source == "builtin"
-            else "add images to config.data.path"
-        )
+    if len(source) < config.batch_size:
+        if config.data.source == "builtin":
+            where, fix = "config.data.builtin_size", "raise config.data.builtin_size"
+        else:
+            where, fix = f"config.data.path={config.data.path!r}", "add images there"
         raise ValueError(
-            f"process {process_index} of {process_count} gets {len(ds)} of {len(source)} images, "
-            f"fewer than its batch of {local_batch} (config.batch_size={config.batch_size}); "
-            f"{fix} or lower config.batch_size"
+            f"config.batch_size={config.batch_size} is more than the {len(source)} images of "
+            f"{where}; {fix} or lower config.batch_size"
         )
-    # Independent seeds per process, so hosts do not draw identical crop boxes in lockstep.
+    # Seeds of process 0 as the per-process pipeline had them: single-process runs saved before
+    # the global stream existed resume onto the very same batches.
     shuffle_seed, crop_seed = (
-        int(s) for s in np.random.SeedSequence([config.seed, process_index]).generate_state(2)
+        int(s) for s in np.random.SeedSequence([config.seed, 0]).generate_state(2)
     )
     crop = functools.partial(
         _crop_example,
@@ -335,10 +311,65 @@ def create_dataset(
     )
     # repeat() reseeds shuffle each epoch; random_map's rng depends on the global element index,
     # so crops differ per epoch too, and every element is reproducible from its index alone.
-    ds = ds.shuffle(seed=shuffle_seed).repeat().random_map(crop, seed=crop_seed)
-    # Batch on the MapDataset: batch k is then the same however many workers build it.
-    ds = ds.batch(local_batch, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(_READ_OPTIONS)
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+    return ds.random_map(crop, seed=crop_seed)
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of every global batch that process `process_index` reads."""
+    local = batch_size // process_count
+    return slice(process_index * local, (process_index + 1) * local)
+
+
+class _AddMasks:
+    """Adds this process's rows of step `first_step + index`'s masks to a batch of crops."""
+
+    def __init__(self, spec: masks.MaskSpec, seed: int, first_step: int, batch: int, rows: slice):
+        self.spec, self.seed, self.first_step = spec, seed, first_step
+        self.batch, self.rows = batch, rows
+
+    def __call__(self, index: int, crops: dict) -> dict:
+        step = self.first_step + index
+        return {**crops, **masks.step_masks(self.spec, self.seed, step, self.batch, self.rows)}
+
+
+def synthetic_batch(config, spec: masks.MaskSpec, images: np.ndarray, step: int) -> dict:
+    """A complete batch of step `step` on given images (this process's rows): the bench's and
+    tests' way to step without decoding."""
+    rows = process_rows(config.batch_size, jax.process_index(), jax.process_count())
+    step_masks = masks.step_masks(spec, config.seed, step, config.batch_size, rows)
+    return {"images": images, "bad_images": np.zeros(len(images), np.int32), **step_masks}
+
+
+def create_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    first_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """This process's complete batches for steps first_step, first_step + 1, ...:
+    {"images": uint8 [L, S, S, 3], "context_idx", "target_idx", "target_len", "bad_images"}.
+
+    Global batch k is crops k*B .. k*B + B - 1 of `image_dataset` plus the masks of step k, a
+    function of (seed, k) alone; process p reads rows p*L .. p*L + L - 1 of it (L = B / P). So
+    any number of processes or workers computes the same run, and resuming needs only the step.
+    """
+    if config.batch_size < 1 or config.batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be a positive multiple of the number of "
+            f"processes ({process_count}); set config.batch_size to a multiple of {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    local = config.batch_size // process_count
+    rows = process_rows(config.batch_size, process_index, process_count)
+    # Batch on the MapDataset: batch k is then the same however many workers build it. Local
+    # batch j holds crops j*L .. j*L + L - 1, so global batch k is local batches k*P .. k*P+P-1.
+    ds = image_dataset(config).batch(local, drop_remainder=True)
+    ds = ds[first_step * process_count + process_index :: process_count]
+    add_masks = _AddMasks(masks.mask_spec(config), config.seed, first_step, config.batch_size, rows)
+    it_ds = ds.map_with_index(add_masks).to_iter_dataset(_READ_OPTIONS)
     if config.data.num_workers > 0:
         # grain's worker start-up reads an absl flag and raises UnparsedFlagAccessError when the
         # caller never parsed flags (a plain script, a notebook, pytest; google/grain#1355). Under
@@ -350,10 +381,21 @@ def create_dataset(
 
 
 def create_iterator(
-    config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+    config: ml_collections.ConfigDict,
+    *,
+    first_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """Iterator over `create_dataset`; get_state()/set_state() give exact resume."""
-    return iter(create_dataset(config, process_index=process_index, process_count=process_count))
+    """Iterator over `create_dataset`'s batches, starting at `first_step`."""
+    return iter(
+        create_dataset(
+            config,
+            first_step=first_step,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
 
 
 def normalize(images: jax.Array) -> jax.Array:

@@ -176,11 +176,30 @@ def sample_masks(
     }
 
 
-def mask_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generator:
-    """The mask generator of one (seed, step, process): reproducible and resumable."""
+def mask_rng(seed: int, step: int, group: int = 0) -> np.random.Generator:
+    """The mask generator of one (seed, step, group of trim_batch images): reproducible."""
     return np.random.default_rng(
-        np.random.SeedSequence([seed, step, process_index], spawn_key=(_STREAM_TAG,))
+        np.random.SeedSequence([seed, step, group], spawn_key=(_STREAM_TAG,))
     )
+
+
+def step_masks(
+    spec: MaskSpec, seed: int, step: int, global_batch: int, rows: slice
+) -> dict[str, np.ndarray]:
+    """Masks for `rows` of global batch `step`: a function of (seed, step) alone, whichever
+    process asks. The batch is drawn in groups of `trim_batch` images, each with its own block
+    sizes, as the release draws one size per per-GPU batch; only the groups that overlap
+    `rows` are drawn."""
+    start, stop, _ = rows.indices(global_batch)
+    group = spec.trim_batch
+    parts = []
+    for g in range(start // group, (stop - 1) // group + 1):
+        n = min(group, global_batch - g * group)
+        parts.append(sample_masks(spec, n, mask_rng(seed, step, g)))
+    first = (start // group) * group
+    return {
+        k: np.concatenate([p[k] for p in parts])[start - first : stop - first] for k in parts[0]
+    }
 
 
 # ---------------------------------------------------------------------------- config
@@ -235,18 +254,13 @@ def _check_int(name: str, value, lo: int, hi: int, note: str = "") -> int:
 
 
 def mask_spec(config) -> MaskSpec:
-    """Validated MaskSpec from an ml_collections config (config.model.*, config.mask.*)."""
-    image, patch = config.model.image_size, config.model.patch_size
-    if patch < 1 or image % patch:
-        raise ValueError(
-            f"config.model.image_size={image}: not a multiple of config.model.patch_size={patch}; "
-            "use an image size divisible by the (positive) patch size"
-        )
-    grid = (image // patch, image // patch)
+    """The MaskSpec of a config (config.model's grid, config.mask.*), checking the mask fields:
+    configuration.validate calls it once at startup, after the model fields."""
+    grid = (config.model.image_size // config.model.patch_size,) * 2
     if min(grid) < 2:
         raise ValueError(
-            f"config.model.image_size={image}: only {grid[0]} patch(es) per side with patch "
-            f"size {patch}; masks need at least 2 per side"
+            f"config.model.image_size={config.model.image_size}: only {grid[0]} patch(es) per side "
+            f"with patch size {config.model.patch_size}; masks need at least 2 per side"
         )
     m = config.mask
     num_targets = _check_int("num_targets", m.num_targets, 1, grid[0] * grid[1])

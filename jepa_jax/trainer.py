@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import json
 import os
+import signal
+import threading
 import time
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
-from jepa_jax import checkpoint, data, masks, models, optim, sharding
+from jepa_jax import checkpoint, data, models, objective, optim, sharding
 from jepa_jax.configuration import validate
-
-TARGET_LN_EPS = 1e-5
+from jepa_jax.objective import Networks
 
 
 @flax.struct.dataclass
@@ -31,44 +30,14 @@ class TrainState:
     opt_state: optax.OptState
 
 
-@dataclasses.dataclass(frozen=True)
-class Networks:
-    """The static half of the models (structure + attention fn); params travel separately."""
-
-    encoder: nnx.GraphDef
-    predictor: nnx.GraphDef
-    attention: attention_lib.Choice
-    layer_counts: dict
-
-
-def target_features(net: Networks, target_params, batch) -> jax.Array:
-    """[B, M, Kt, D] targets: EMA encoder on the full image, LayerNorm without affine, gather."""
-    h = nnx.merge(net.encoder, target_params)(data.normalize(batch["images"]))
-    h = h.astype(jnp.float32)
-    mean = h.mean(-1, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(h.var(-1, keepdims=True) + TARGET_LN_EPS)
-    b, m, kt = batch["target_idx"].shape
-    idx = batch["target_idx"].reshape(b, m * kt, 1)
-    return jnp.take_along_axis(h, idx, axis=1).reshape(b, m, kt, -1)
-
-
-def prediction_loss(params, net: Networks, batch, targets: jax.Array) -> jax.Array:
-    """Huber (delta 1, = smooth L1 beta 1) mean over the real target tokens and features."""
-    encoder = nnx.merge(net.encoder, params["encoder"])
-    predictor = nnx.merge(net.predictor, params["predictor"])
-    context = encoder(data.normalize(batch["images"]), batch["context_idx"])
-    pred = predictor(context, batch["context_idx"], batch["target_idx"], batch["target_len"])
-    kt = batch["target_idx"].shape[-1]
-    real = (jnp.arange(kt) < batch["target_len"][..., None])[..., None]
-    # where, not multiply: garbage in padded rows must not leak into the mean or its gradient.
-    err = jnp.where(real, optax.huber_loss(pred.astype(jnp.float32), targets, delta=1.0), 0.0)
-    return err.sum() / (real.sum() * targets.shape[-1])
-
-
 def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Schedules):
     """One I-JEPA step: predict EMA targets, AdamW on the online nets, EMA the target encoder."""
-    targets = jax.lax.stop_gradient(target_features(net, state.target, batch))
-    loss, grads = jax.value_and_grad(prediction_loss)(state.params, net, batch, targets)
+    images = data.normalize(batch["images"])  # once, on device: both encoders read it
+    targets = objective.target_features(net, state.target, images, batch["target_idx"])
+    targets = jax.lax.stop_gradient(targets)
+    loss, grads = jax.value_and_grad(objective.prediction_loss)(
+        state.params, net, images, batch, targets
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = sched.momentum(state.step)
@@ -79,6 +48,7 @@ def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Sche
         "wd": sched.wd(state.step),
         "momentum": momentum,
         "grad_norm": optax.tree.norm(grads),
+        "bad_images": batch["bad_images"].sum(),  # substituted undecodable images, global batch
     }
     new_state = state.replace(
         step=state.step + 1, params=params, target=target, opt_state=opt_state
@@ -169,10 +139,32 @@ class MetricsWriter:
             os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file
 
 
-def local_batch(config, spec: masks.MaskSpec, images: np.ndarray, step: int) -> dict:
-    """This host's images plus masks drawn from (seed, step, process): same on every rerun."""
-    rng = masks.mask_rng(config.seed, step, jax.process_index())
-    return {"images": images, **masks.sample_masks(spec, images.shape[0], rng)}
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a flag checked after each step; a second SIGINT stops at once.
+
+    Only installed in a single-process run on the main thread: with several processes, JAX's
+    preemption service catches SIGTERM and `Checkpointer.reached_preemption` agrees on a step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
@@ -191,28 +183,37 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     ckpt = checkpoint.Checkpointer(workdir, config)  # raises now if it cannot resume
     net, state, tx = build(config, mesh)
     attention_lib.log_startup(net.attention, net.layer_counts)
-    spec = masks.mask_spec(config)
-    batches = data.create_iterator(
-        config, process_index=jax.process_index(), process_count=jax.process_count()
-    )
     writer = MetricsWriter(workdir, config.total_steps, config.batch_size)
+    counters = {"bad_images": 0}  # running totals over the whole run, resumed with it
     if ckpt.latest_step is not None:
         target = checkpoint.restore_target(state, mesh)
         state = None  # free the fresh init before reading: peak memory stays one state
-        state = ckpt.restore(target, batches)
+        state, counters = ckpt.restore(target, counters)
         if jax.process_index() == 0:
             print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
     first = ckpt.latest_step or 0
     writer.truncate(first)  # rows past the checkpoint are re-logged by this run
+    batches = data.create_iterator(
+        config,
+        first_step=first,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     step_fn = compile_step(config, net, tx, mesh, state)
+    # Summed on device each step (no host sync); fetched when logging or saving.
+    totals = {k: jnp.asarray(v, jnp.int32) for k, v in counters.items()}
+
+    def host_totals() -> dict[str, int]:
+        return {k: int(v) for k, v in jax.device_get(totals).items()}
 
     last_time, last_step = time.perf_counter(), first
     stopped = None
-    with checkpoint.StopSignals() as stop:
+    with StopSignals() as stop:
         try:
             for step in range(first, config.total_steps):
-                batch = local_batch(config, spec, next(batches)["images"], step)
-                state, metrics = step_fn(state, sharding.global_batch(mesh, batch))
+                batch = sharding.global_batch(mesh, next(batches))
+                state, metrics = step_fn(state, batch)
+                totals = {k: totals[k] + metrics.pop(k) for k in totals}
                 done = step + 1
                 if done % config.log_every == 0 or done == config.total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -220,11 +221,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     metrics["img_per_s"] = (
                         (done - last_step) * config.batch_size / (now - last_time)
                     )
+                    metrics.update(host_totals())
                     last_time, last_step = now, done
                     writer.write(done, metrics)
                 stopped = stop.received or ckpt.reached_preemption(done) and "preemption"
                 if stopped or ckpt.due(done):
-                    ckpt.save(done, state, batches)
+                    ckpt.save(done, state, host_totals())
                 if stopped:
                     break
         finally:

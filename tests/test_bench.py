@@ -64,10 +64,12 @@ def test_flops_per_image_by_hand():
 
 
 def test_load_config_overrides():
-    config = bench.load_config("tiny", ["model.remat=True", "model.attention=xla"])
+    overrides = ["--config.model.remat=True", "--config.model.attention=xla"]
+    config = bench.load_config("tiny", overrides)
     assert config.model.remat is True and config.model.attention == "xla"
+    assert bench.load_config("configs/default.py:vit_b16").model.variant == "base"
     with pytest.raises(ValueError, match="no_such"):
-        bench.load_config("tiny", ["model.no_such=1"])
+        bench.load_config("tiny", ["--config.model.no_such=1"])
 
 
 @cpu_only
@@ -78,8 +80,8 @@ def test_train_mode(tmp_path, monkeypatch):
         "train",
         "--config",
         "tiny",
-        "--set",
-        "model.dtype=float32",
+        "--config.model.dtype",
+        "float32",
         "--impls",
         "reference,cudnn",
     ]
@@ -101,7 +103,7 @@ def test_train_mode(tmp_path, monkeypatch):
 def test_max_batch_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(1))
     out = tmp_path / "max.json"
-    argv = ["max-batch", "--config", "tiny", "--set", "model.dtype=float32", "--impls", "xla"]
+    argv = ["max-batch", "--config", "tiny", "--config.model.dtype=float32", "--impls", "xla"]
     bench.main([*argv, "--start", "1", "--max-tries", "1", "--out", str(out)])
     row = _rows(json.loads(out.read_text()))["xla"]
     assert row["max_per_device_batch"] == 1 and row["global_batch"] == 1

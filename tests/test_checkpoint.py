@@ -1,6 +1,6 @@
 """Checkpoints: exact resume after preemption or a hard kill, other meshes, load_encoder, errors.
 
-Every train.py run shares one persistent compilation cache, so only the first one compiles.
+Every train.py run shares the session's compilation cache (conftest), so only the first compiles.
 """
 
 import json
@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from configs.default import get_config
-from jepa_jax import checkpoint, data, sharding, trainer
+from jepa_jax import checkpoint, data, models, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, KEEP = 6, 2, 2
@@ -67,7 +67,7 @@ def networks_and_target(config, mesh):
 
 def read_state(workdir, config, mesh):
     _, target = networks_and_target(config, mesh)
-    return checkpoint.Checkpointer(workdir, config).restore(target)
+    return checkpoint.Checkpointer(workdir, config).restore(target, {})[0]
 
 
 def assert_trees_equal(a, b):
@@ -86,13 +86,8 @@ def listing(path):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+def env():
+    return dict(os.environ)  # with conftest's shared compilation cache
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +164,29 @@ def test_restore_on_one_device(reference, reference_state):
 @pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the CPU run provides 8 virtual ones)"
 )
-def test_resume_on_other_mesh_and_attention(tmp_path, reference, reference_state):
-    copy_checkpoint(reference, tmp_path)
+def test_resume_mid_run_on_other_mesh_attention_and_workers(tmp_path, reference, reference_state):
+    """Resume the step-4 checkpoint on a (2, 4) mesh with xla attention and 2 data workers and
+    take the last 2 steps: the run ends where the uninterrupted one did, up to rounding."""
+    copy_checkpoint(reference, tmp_path, step=STEPS - EVERY)
     config = tiny_config(data=2, fsdp=4)
     config.model.attention = "xla"  # saved under auto (reference on CPU): weights do not care
-    state = trainer.train_and_evaluate(config, str(tmp_path))  # already at the end: restores
+    config.data.num_workers = 2  # batches are a function of the step, not of a saved position
+    state = trainer.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == STEPS
     kernel = state.params["encoder"]["blocks"]["layers"]["fc1"]["kernel"]
     assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4}
     assert "fsdp" in kernel.sharding.spec
-    assert_trees_equal(state, reference_state)
+    # Not bit-exact: another mesh sums gradients in another order. The attention keys' biases
+    # get a zero true gradient (softmax ignores them), so AdamW steps them by up to the learning
+    # rate on the sign of that rounding noise; 2 steps move any parameter by at most 2 * lr.
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=2 * config.optim.lr),
+        state.params,
+        reference_state.params,
+    )
+    metrics, expected = read_metrics(tmp_path), read_metrics(reference)
+    assert [m["step"] for m in metrics] == [STEPS - 1, STEPS]
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in expected[-2:]], 1e-3)
 
 
 def test_load_encoder_matches_training_encoder(reference, reference_state, capsys):
@@ -190,7 +199,7 @@ def test_load_encoder_matches_training_encoder(reference, reference_state, capsy
         ("target", reference, reference_state.target),
         ("context", step_dir, reference_state.params["encoder"]),
     ]:
-        encoder, loaded_config = checkpoint.load_encoder(path, which)
+        encoder, loaded_config = models.load_encoder(path, which)
         assert loaded_config.model.to_dict() == config.model.to_dict()
         # The trainer's own encoder (net.encoder as in target_features), on the same device.
         params = jax.device_put(params, jax.devices()[0])
@@ -209,14 +218,14 @@ def test_incompatible_config_names_the_fields(tmp_path, reference):
     before = listing(tmp_path)
     config = tiny_config()
     config.model.variant, config.model.pred_depth = "small", 3
-    config.data.num_workers = 2  # grain's saved position is per worker
+    config.data.num_workers = 2  # compatible: batches depend on the step alone
     config.model.attention, config.model.dtype = "xla", "float32"  # compatible: not named
     with pytest.raises(ValueError) as e:
         trainer.train_and_evaluate(config, str(tmp_path))
     message = str(e.value)
     assert "config.model.variant='small' but the checkpoint has 'tiny'" in message
     assert "config.model.pred_depth=3 but the checkpoint has 2" in message
-    assert "config.data.num_workers=2 but the checkpoint has 0" in message
+    assert "num_workers" not in message
     assert "attention" not in message and "dtype" not in message
     assert listing(tmp_path) == before
 
@@ -233,7 +242,7 @@ def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path, reference):
     mesh = sharding.make_mesh(config.mesh)
     for load in (
         lambda: read_state(str(tmp_path), config, mesh),
-        lambda: checkpoint.load_encoder(str(tmp_path)),
+        lambda: models.load_encoder(str(tmp_path)),
     ):
         with pytest.raises(RuntimeError) as e:
             load()
@@ -247,7 +256,7 @@ def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path, reference):
         checkpoint.Checkpointer(str(tmp_path), config)
 
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing"):
-        checkpoint.load_encoder(str(tmp_path / "missing"))
+        models.load_encoder(str(tmp_path / "missing"))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no finished checkpoint under"):
-        checkpoint.load_encoder(str(tmp_path / "empty"))
+        models.load_encoder(str(tmp_path / "empty"))

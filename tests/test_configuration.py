@@ -30,6 +30,11 @@ def test_presets_are_valid(preset):
         ("optim.start_lr", -1e-3),
         ("optim.ema", (0.9, 1.5)),
         ("optim.weight_decay", (-0.1, 0.4)),
+        ("data.source", "imagenet"),
+        ("data.on_bad_image", "ignore"),
+        ("data.num_workers", -1),
+        ("data.crop_scale", (0.5, 0.3)),
+        ("mask.num_targets", 0),
     ],
 )
 def test_bad_value_names_its_field(field, value):

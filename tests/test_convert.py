@@ -286,7 +286,7 @@ def exact_float32():
 
 @pytest.mark.parametrize("which", ["target", "context"])
 def test_encoders_match_the_release(release, which, exact_float32):
-    encoder, _ = checkpoint.load_encoder(release.workdir, which=which, attention="reference")
+    encoder, _ = models.load_encoder(release.workdir, which=which, attention="reference")
     reference = release.target if which == "target" else release.encoder
     x = images(10, release.image)
     context = index_sets(11, 1, release.grid // 4, release.grid)[0]
@@ -402,7 +402,7 @@ def test_training_resumes_from_a_converted_workdir(release, tmp_path):
     """What train.py does on start: the checkpoint is accepted with any data.num_workers, and
     the restored state is the converted one."""
     config = tiny_config(16)
-    config.data.num_workers = 3  # a converted workdir has no data position to be tied to
+    config.data.num_workers = 3  # batches depend on the step alone: any worker count resumes
     mesh = sharding.make_mesh(config.mesh)
     box = {}
 
@@ -412,8 +412,9 @@ def test_training_resumes_from_a_converted_workdir(release, tmp_path):
 
     target = checkpoint.restore_target(jax.eval_shape(make), mesh)
     ckpt = checkpoint.Checkpointer(release.workdir, config)
-    assert ckpt.latest_step == 0 and not ckpt.has_data_position()
-    state = ckpt.restore(target, iterator=object())  # never touched: no data position saved
+    assert ckpt.latest_step == 0
+    state, counters = ckpt.restore(target, {"bad_images": 0})
+    assert counters == {"bad_images": 0}
     ckpt.close()
     kernel = state.params["encoder"]["blocks"]["layers"]["attn"]["qkv"]["kernel"]
     expected = release.encoder.blocks[3].attn.qkv.weight.detach().numpy().T
@@ -570,7 +571,7 @@ def test_converted_weights_run_with_every_attention(release, tmp_path):
         expected = [release.target(x), release.target(x, [context])]
     results = {}
     for impl in ("cudnn", "xla", "reference"):
-        encoder, _ = checkpoint.load_encoder(workdir, which="target", attention=impl)
+        encoder, _ = models.load_encoder(workdir, which="target", attention=impl)
         results[impl] = [
             run_encoder(encoder, nhwc(x), None),
             run_encoder(encoder, nhwc(x), jnp.asarray(context.numpy())),

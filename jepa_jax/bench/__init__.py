@@ -4,10 +4,11 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
   python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
       [--shapes 256x196x12x64,128x69x16x80] [--dtype bfloat16] [--kv-lengths]
       [--reps 20] [--warmup 3] [--out bench_attention.json]
-  python -m jepa_jax.bench train [--config vit_b16] [--set model.remat=True ...]
+  python -m jepa_jax.bench train [--config vit_b16] [--config.model.remat=True ...]
       [--impls cudnn,xla,reference] [--per-device-batch 128] [--steps 20] [--warmup 3]
       [--peak-tflops 989] [--out bench_train.json]
-  python -m jepa_jax.bench max-batch [--config vit_h14] [--set KEY=VALUE ...] [--impls cudnn,xla]
+  python -m jepa_jax.bench max-batch [--config vit_h14] [--config.FIELD=VALUE ...]
+      [--impls cudnn,xla]
       [--start 128] [--max-tries 7] [--multiple 8] [--steps 3] [--out bench_max-batch.json]
   python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)

@@ -30,15 +30,19 @@ def breakdown_rows(args, impl: str) -> list[dict]:
     import optax
     from flax import nnx
 
-    from jepa_jax import data, optim, trainer
+    from jepa_jax import data, objective, optim, trainer
 
     config, _, net, state, tx, spec, batch = real_step_inputs(args, impl)
+    images = jax.jit(data.normalize)(batch["images"])
 
     def context_forward(p, b):
-        return nnx.merge(net.encoder, p)(data.normalize(b["images"]), b["context_idx"])
+        return nnx.merge(net.encoder, p)(images, b["context_idx"])
 
     def context_loss(p, b):
         return context_forward(p, b).astype(jnp.float32).mean()
+
+    def target_features(target, b):
+        return objective.target_features(net, target, images, b["target_idx"])
 
     def predictor_loss(p, ctx, b):
         out = nnx.merge(net.predictor, p)(ctx, b["context_idx"], b["target_idx"], b["target_len"])
@@ -59,7 +63,7 @@ def breakdown_rows(args, impl: str) -> list[dict]:
         (
             "target encoder fwd",
             flops["target"],
-            jax.jit(functools.partial(trainer.target_features, net)),
+            jax.jit(target_features),
             (state.target, batch),
         ),
         (

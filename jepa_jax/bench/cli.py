@@ -38,9 +38,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("profile", "vit_h14", "cudnn"),
     ):
         p = modes.add_parser(name, help=f"{name} with the real trainer step")
-        p.add_argument("--config", default=preset, help="preset of configs/default.py")
         p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+            "--config",
+            default=preset,
+            help="PATH:PRESET as train.py takes it, or a preset of configs/default.py; override "
+            "fields as train.py does: --config.model.remat=True",
         )
         p.add_argument("--impls", default=impls)
     train, search = modes.choices["train"], modes.choices["max-batch"]
@@ -65,7 +67,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     search.add_argument("--steps", type=int, default=3, help="timed steps per try (0: none)")
     for p in modes.choices.values():
         p.add_argument("--out", help="JSON path (default bench_<mode>.json)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # train.py's overrides, --config.FIELD=VALUE (or --config.FIELD VALUE), pass through whole.
+    args.overrides, rest = [], list(extra)
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--config.") or args.mode == "attention":
+            parser.error(f"unrecognized argument {item!r}")
+        if "=" not in item and rest and not rest[0].startswith("--"):
+            item = f"{item}={rest.pop(0)}"
+        args.overrides.append(item)
     allowed = ATTENTION_IMPLS if args.mode == "attention" else ATTENTION_IMPLS + ("auto",)
     bad = [i for i in args.impls.split(",") if i not in allowed]
     if bad:

@@ -1,9 +1,9 @@
-"""What the bench modes share: configs with --set overrides, failure classification, XLA's memory
-estimate, the environment, cudnn/other ratios, text tables and logging."""
+"""What the bench modes share: configs read as train.py reads them (--config.FIELD=VALUE
+overrides), failure classification, XLA's memory estimate, the environment, cudnn/other ratios,
+text tables and logging."""
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -11,31 +11,29 @@ from typing import Any, NamedTuple
 
 # The repo root, where configs/ lives: three levels up from jepa_jax/bench/common.py.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 OOM_MARKERS = ("resource_exhausted", "out of memory", "outofmemory")
 
 
-def load_config(preset: str, overrides: Sequence[str] = ()):
-    """A preset of configs/default.py with `key=value` overrides (values as Python literals)."""
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from configs import default
+def load_config(config: str, overrides: Sequence[str] = ()):
+    """A config as train.py reads it: `config` is its --config (PATH:PRESET), or a bare preset
+    of the repository's configs/default.py; `overrides` are its `--config.FIELD=VALUE` flags."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    config = default.get_config(preset)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        *parents, leaf = key.strip().split(".")
-        node = config
-        for name in parents:
-            node = node.get(name) if hasattr(node, "keys") else None
-        if not sep or not hasattr(node, "keys") or leaf not in node:
-            raise ValueError(
-                f"--set {item!r}: expected KEY=VALUE with KEY an existing config field"
-            )
-        try:
-            node[leaf] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            node[leaf] = text  # a bare word such as xla is a string
-    return config
+    if ":" not in config and not config.endswith(".py"):
+        config = f"{DEFAULT_CONFIG}:{config}"
+    argv = ["bench", f"--config={config}", *overrides]
+    values = flags.FlagValues()
+    # config_flags reads the overrides from the argv it is given (sys.argv by default).
+    config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+    except (flags.Error, KeyError, AttributeError) as e:
+        raise ValueError(
+            f"bad config override in {overrides} ({e}); they look like --config.model.remat=True"
+        ) from None
+    return values.config
 
 
 class RealStep(NamedTuple):
@@ -43,7 +41,7 @@ class RealStep(NamedTuple):
 
     config: Any
     mesh: Any
-    net: Any  # trainer.Networks
+    net: Any  # objective.Networks
     state: Any  # trainer.TrainState
     tx: Any  # the optax optimizer
     spec: Any  # masks.MaskSpec
@@ -51,13 +49,13 @@ class RealStep(NamedTuple):
 
 
 def real_step_inputs(args, impl: str) -> RealStep:
-    """--config with --set overrides, `impl` attention, --per-device-batch images per device."""
+    """--config with its overrides, `impl` attention, --per-device-batch images per device."""
     import jax
     import numpy as np
 
-    from jepa_jax import masks, sharding, trainer
+    from jepa_jax import data, masks, sharding, trainer
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.overrides)
     config.model.attention = impl
     config.batch_size = args.per_device_batch * jax.device_count()
     mesh = sharding.make_mesh(config.mesh)
@@ -65,7 +63,7 @@ def real_step_inputs(args, impl: str) -> RealStep:
     spec = masks.mask_spec(config)
     side = config.model.image_size
     images = np.random.default_rng(0).integers(0, 256, (config.batch_size, side, side, 3), np.uint8)
-    batch = sharding.global_batch(mesh, trainer.local_batch(config, spec, images, 0))
+    batch = sharding.global_batch(mesh, data.synthetic_batch(config, spec, images, 0))
     return RealStep(config, mesh, net, state, tx, spec, batch)
 
 

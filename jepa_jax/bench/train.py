@@ -50,7 +50,7 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     memory estimate)."""
     import jax
 
-    from jepa_jax import sharding, trainer
+    from jepa_jax import data, sharding, trainer
 
     mesh = sharding.make_mesh(config.mesh)
     net, state, tx = trainer.build(config, mesh)
@@ -63,8 +63,8 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     target_lens = []
 
     def batch_at(step: int) -> dict:
-        host = trainer.local_batch(config, spec, pool[step % count], step)
-        target_lens.append(int(host["target_len"][0, 0]))  # one block size per batch
+        host = data.synthetic_batch(config, spec, pool[step % count], step)
+        target_lens.append(float(host["target_len"].mean()))  # a block size per mask group
         return sharding.global_batch(mesh, host)
 
     batch = batch_at(0)
@@ -120,7 +120,7 @@ def train_row(args, impl: str, per_device_batch: int) -> dict:
         "global_batch": per_device_batch * devices,
     }
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, args.overrides)
         config.model.attention = impl
         config.batch_size = per_device_batch * devices
         config.total_steps = max(config.total_steps, 1000)  # keeps warmup/cosine schedules sane
@@ -159,19 +159,14 @@ def _spawn(args, impl: str, per_device_batch: int, steps: int, warmup: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         cmd = [sys.executable, "-m", "jepa_jax.bench", "train", "--config", args.config]
-        cmd += [x for item in args.set for x in ("--set", item)]
+        cmd += args.overrides
         cmd += ["--impls", impl, "--per-device-batch", str(per_device_batch)]
         cmd += ["--steps", str(steps), "--warmup", str(warmup), "--_child", path]
         cmd += ["--peak-tflops", str(getattr(args, "peak_tflops", 989.0))]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])),
-        }
         try:
             proc = subprocess.run(
                 cmd,
                 cwd=REPO_ROOT,
-                env=env,
                 capture_output=True,
                 text=True,
                 timeout=args.child_timeout,

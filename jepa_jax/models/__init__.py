@@ -1,19 +1,20 @@
-"""Build I-JEPA's three networks from a variant name and an attention choice, in one call.
+"""I-JEPA's networks: build them from a model name or config, or load a trained encoder.
 
 >>> m = jepa_jax.models.create("vit_h14", attention="cudnn")
 >>> m.encoder, m.target_encoder, m.predictor, m.attention.name
+>>> encoder, config = jepa_jax.models.load_encoder("runs/tiny", which="target")
 """
 
-from __future__ import annotations
-
-import dataclasses
-
-import jax.numpy as jnp
-from flax import nnx
-
-from jepa_jax import attention as attention_lib
-from jepa_jax import presets
+from jepa_jax.models.build import (
+    IJEPA,
+    build,
+    create,
+    from_config,
+    layer_counts,
+    resolve_attention,
+)
 from jepa_jax.models.predictor import Predictor
+from jepa_jax.models.pretrained import load_encoder
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
 
 __all__ = [
@@ -21,137 +22,11 @@ __all__ = [
     "SIZES",
     "Predictor",
     "VisionTransformer",
+    "ViTSize",
+    "build",
     "create",
     "from_config",
+    "layer_counts",
+    "load_encoder",
     "resolve_attention",
 ]
-
-
-@dataclasses.dataclass
-class IJEPA:
-    """The context encoder, its EMA target copy, the predictor, and the attention that runs."""
-
-    encoder: VisionTransformer
-    target_encoder: VisionTransformer
-    predictor: Predictor
-    attention: attention_lib.Choice
-
-    def layer_counts(self) -> dict[str, int]:
-        return layer_counts(self.encoder, self.predictor)
-
-
-def layer_counts(encoder: VisionTransformer, predictor: Predictor) -> dict[str, int]:
-    """Attention layers per network, for the startup line."""
-    depth = encoder.blocks.depth
-    return {"encoder": depth, "target encoder": depth, "predictor": predictor.blocks.depth}
-
-
-def create(
-    name: str = "vit_b16",
-    *,
-    attention: str = "auto",
-    image_size: int | None = None,
-    pred_depth: int | None = None,
-    pred_dim: int = 384,
-    dtype: str = "bfloat16",
-    residual_dtype: str = "float32",
-    remat: bool = False,
-    scan_layers: bool = False,
-    seed: int = 0,
-) -> IJEPA:
-    """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
-    `presets.MODELS`: vit_t16 ... vit_g16), all calling one attention fn.
-
-    `dtype` is the matmul and attention dtype; `residual_dtype` that of the residual stream,
-    LayerNorms and outputs (float32: the release's autocast; bfloat16: faster, less faithful).
-    """
-    spec = presets.model_spec(name)
-    size = SIZES[spec.size]
-    return build(
-        size,
-        patch_size=spec.patch_size,
-        image_size=image_size or spec.image_size,
-        pred_depth=pred_depth or spec.pred_depth,
-        pred_dim=pred_dim,
-        attention=resolve_attention(size, pred_dim, attention, dtype),
-        dtype=dtype,
-        residual_dtype=residual_dtype,
-        remat=remat,
-        scan_layers=scan_layers,
-        seed=seed,
-    )
-
-
-def from_config(
-    model_config, seed: int = 0, attention: attention_lib.Choice | None = None
-) -> IJEPA:
-    """Build from `config.model` (see configs/default.py); `attention` skips resolving again."""
-    if model_config.variant not in SIZES:
-        raise ValueError(
-            f"config.model.variant={model_config.variant!r}: choose one of {sorted(SIZES)}"
-        )
-    return build(
-        SIZES[model_config.variant],
-        patch_size=model_config.patch_size,
-        image_size=model_config.image_size,
-        pred_depth=model_config.pred_depth,
-        pred_dim=model_config.pred_dim,
-        attention=attention
-        or resolve_attention(
-            SIZES[model_config.variant],
-            model_config.pred_dim,
-            model_config.attention,
-            model_config.dtype,
-        ),
-        dtype=model_config.dtype,
-        residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
-        remat=model_config.remat,
-        scan_layers=model_config.scan_layers,
-        seed=seed,
-    )
-
-
-def resolve_attention(size: ViTSize, pred_dim: int, attention: str, dtype: str):
-    """Which attention implementation runs for these networks (raises for impossible cudnn)."""
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise ValueError(f"config.model.dtype={dtype!r}: choose bfloat16, float16 or float32")
-    if pred_dim % size.heads:
-        raise ValueError(f"config.model.pred_dim={pred_dim} is not divisible by {size.heads} heads")
-    head_dims = (size.width // size.heads, pred_dim // size.heads)
-    return attention_lib.resolve(attention, dtype=jnp.dtype(dtype), head_dims=head_dims)
-
-
-def build(
-    size: ViTSize,
-    *,
-    patch_size: int,
-    image_size: int,
-    pred_depth: int,
-    pred_dim: int,
-    attention: attention_lib.Choice,
-    dtype: str,
-    residual_dtype: str,
-    remat: bool,
-    scan_layers: bool,
-    seed: int,
-) -> IJEPA:
-    """The three networks, every attention layer calling `attention`'s implementation."""
-    rngs = nnx.Rngs(seed)
-    common = dict(
-        attn_fn=attention.fn,
-        dtype=jnp.dtype(dtype),
-        residual_dtype=jnp.dtype(residual_dtype),
-        remat=remat,
-        scan=scan_layers,
-        rngs=rngs,
-    )
-    encoder = VisionTransformer(size, patch_size=patch_size, image_size=image_size, **common)
-    predictor = Predictor(
-        embed_dim=size.width,
-        pred_dim=pred_dim,
-        depth=pred_depth,
-        heads=size.heads,
-        grid=encoder.grid,
-        **common,
-    )
-    return IJEPA(encoder, nnx.clone(encoder), predictor, attention)

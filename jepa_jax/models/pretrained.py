@@ -1,0 +1,42 @@
+"""A trained encoder, ready to use: `load_encoder(workdir)` -> (encoder, config)."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from jepa_jax import checkpoint
+from jepa_jax.models.build import from_config, resolve_attention
+from jepa_jax.models.vit import SIZES
+
+
+def load_encoder(
+    path: str, which: str = "target", *, attention: str = "auto"
+) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+    """(encoder, config) from a workdir or step folder: normalized [B,H,W,3] images -> [B,N,D]
+    float32 features.
+
+    `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
+    Only that encoder's parameters are read, onto the first local device.
+    """
+    if which not in checkpoint.ENCODERS:
+        raise ValueError(f"which={which!r}: choose one of {list(checkpoint.ENCODERS)}")
+    step_dir, config = checkpoint.read_config(path)
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    m.residual_dtype = "float32"  # float32 features whatever the run trained with
+    choice = resolve_attention(SIZES[m.variant], m.pred_dim, attention, m.dtype)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: from_config(m, attention=choice).encoder))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.to_pure_dict(abstract),
+    )
+    params = checkpoint.read_encoder_params(step_dir, which, shapes)
+    name = "target (EMA)" if which == "target" else "context"
+    print(
+        f"Loaded the {name} encoder ({m.variant}, patch {m.patch_size}, {m.image_size}px, "
+        f"attention {choice.name}) from {step_dir}",
+        flush=True,
+    )
+    return nnx.merge(graphdef, params), config
