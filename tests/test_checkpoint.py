@@ -189,6 +189,27 @@ def test_resume_mid_run_on_other_mesh_attention_and_workers(tmp_path, reference,
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in expected[-2:]], 1e-3)
 
 
+def test_checkpoint_from_before_the_global_batch_stream_resumes(
+    tmp_path, reference, reference_state
+):
+    """A checkpoint in the earlier layout (a grain data position, no counters, a config without
+    the fields added since) resumes and ends where the uninterrupted run did: single-process
+    batches are the same function of the step as before."""
+    copy_checkpoint(reference, tmp_path, step=STEPS - EVERY)
+    step_dir = tmp_path / "checkpoints" / str(STEPS - EVERY)
+    shutil.rmtree(step_dir / "counters")
+    (step_dir / "data").mkdir()
+    (step_dir / "data" / "process_0-of-1.json").write_text('{"next_index": 4}')
+    meta = step_dir / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    del saved["model"]["residual_dtype"], saved["mask"]["trim_batch"]
+    del saved["data"]["on_bad_image"]
+    meta.write_text(json.dumps(saved))
+    state = trainer.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert int(state.step) == STEPS
+    assert_trees_equal(state, reference_state)
+
+
 def test_load_encoder_matches_training_encoder(reference, reference_state, capsys):
     config = tiny_config()
     net, _ = networks_and_target(config, sharding.make_mesh(config.mesh))

@@ -523,3 +523,27 @@ def test_normalize_matches_numpy():
     assert got.dtype == jnp.float32 and got.shape == images.shape
     expected = (images / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_process_batches_are_those_of_the_per_process_pipeline_before():
+    """Checkpoints saved before the global stream resume onto the same data: for one process the
+    images are the old per-process pipeline's (its seeds were derived from (seed, process 0))."""
+    import functools
+
+    import grain
+
+    config = _config(builtin_size=16)
+    shuffle_seed, crop_seed = (
+        int(s) for s in np.random.SeedSequence([config.seed, 0]).generate_state(2)
+    )
+    crop = functools.partial(
+        data._crop_example,
+        size=config.model.image_size,
+        scale=tuple(config.data.crop_scale),
+        ratio=tuple(config.data.crop_ratio),
+    )
+    source = data._make_source(config)
+    old = grain.MapDataset.source(source)[0::1].shuffle(seed=shuffle_seed).repeat()
+    old = old.random_map(crop, seed=crop_seed).batch(config.batch_size, drop_remainder=True)
+    for k, batch in enumerate(itertools.islice(data.create_iterator(config), 3)):
+        np.testing.assert_array_equal(batch["images"], old[k]["images"])
