@@ -1,9 +1,11 @@
 """Pretrain I-JEPA: `python train.py --config=configs/default.py:tiny --workdir=/tmp/ijepa`."""
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jepa_jax import sharding, trainer
+from jepa_jax import errors, sharding, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py:tiny", "Config file and preset.")
@@ -24,8 +26,9 @@ def main(argv):
     sharding.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    errors.exit_on_user_error(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+    errors.check_config_flags(sys.argv)  # a mistyped field or value: one line, before absl
     app.run(main)

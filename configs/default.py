@@ -33,6 +33,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # save; rerunning the same command resumes exactly from the latest one.
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # how many recent checkpoints to keep (>= 1)
+    # A step whose loss or gradient norm is not finite is skipped (nothing changes) and counted.
+    # stop: end the run, saving nothing new, once max_nonfinite_steps in a row were skipped
+    # (checked when logging or saving); skip: go on.
+    c.on_nan = "stop"
+    c.max_nonfinite_steps = 3
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = model.size  # encoder size: tiny, small, base, large, huge, giant

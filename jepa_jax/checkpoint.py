@@ -4,7 +4,7 @@ for users).
 A checkpoint is one folder WORKDIR/checkpoints/<step> with three items:
   state/     the TrainState (encoder, predictor, EMA target, AdamW state, step), sharded arrays;
   config/    the run's config as JSON, for compatibility checks and `models.load_encoder`;
-  counters/  the run's running totals (substituted images ...) as JSON.
+  counters/  the run's running totals (substituted images, skipped steps) as JSON.
 Nothing else is needed for an exact resume: batch k (crops and masks) is a pure function of
 (seed, k) and the schedules of the step, so there is no data position or RNG state to save, and
 a run resumes on any number of processes or data workers. (Checkpoints written before this also

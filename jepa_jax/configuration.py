@@ -8,6 +8,7 @@ from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.data import ON_BAD_IMAGE, SOURCES
 from jepa_jax.models.vit import SIZES
+from jepa_jax.totals import ON_NAN
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -44,8 +45,12 @@ def validate(config) -> None:
         m.pred_dim,
         f"must be a positive multiple of the {heads} heads of {m.variant}",
     )
+    on_nan = config.get("on_nan", "stop")
+    _require(on_nan in ON_NAN, "on_nan", on_nan, f"choose one of {list(ON_NAN)}")
     for field in ("batch_size", "total_steps", "log_every", "keep_checkpoints"):
         _require(config[field] >= 1, field, config[field], "must be >= 1")
+    limit = config.get("max_nonfinite_steps", 3)
+    _require(limit >= 1, "max_nonfinite_steps", limit, "must be >= 1")
     _require(
         config.checkpoint_every >= 0,
         "checkpoint_every",

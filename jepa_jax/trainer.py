@@ -18,6 +18,7 @@ from flax import nnx
 
 from jepa_jax import attention as attention_lib
 from jepa_jax import checkpoint, data, models, objective, optim, sharding
+from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
 from jepa_jax.objective import Networks
 
@@ -31,24 +32,37 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Schedules):
-    """One I-JEPA step: predict EMA targets, AdamW on the online nets, EMA the target encoder."""
+    """One I-JEPA step: predict EMA targets, AdamW on the online nets, EMA the target encoder.
+
+    A step whose loss or gradient norm is not finite changes nothing but the step counter (its
+    batch is consumed; parameters, AdamW state and EMA stay) and says so in its metrics; the
+    loop decides whether the run goes on (config.on_nan).
+    """
     images = data.normalize(batch["images"])  # once, on device: both encoders read it
     targets = objective.target_features(net, state.target, images, batch["target_idx"])
     targets = jax.lax.stop_gradient(targets)
     loss, grads = jax.value_and_grad(objective.prediction_loss)(
         state.params, net, images, batch, targets
     )
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = sched.momentum(state.step)
     target = optim.ema_update(state.target, params["encoder"], momentum)
+    nonfinite = (~jnp.isfinite(loss)).astype(jnp.int32) + 2 * (~jnp.isfinite(grad_norm))
+    # The select fuses into the update's own elementwise loops: no extra pass over the state.
+    keep = functools.partial(jnp.where, nonfinite == 0)
+    params, target, opt_state = jax.tree.map(
+        keep, (params, target, opt_state), (state.params, state.target, state.opt_state)
+    )
     metrics = {
         "loss": loss,
         "lr": sched.lr(state.step),
         "wd": sched.wd(state.step),
         "momentum": momentum,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "bad_images": batch["bad_images"].sum(),  # substituted undecodable images, global batch
+        "nonfinite": nonfinite,  # 0 finite; bit 1: loss, bit 2: gradient norm not finite
     }
     new_state = state.replace(
         step=state.step + 1, params=params, target=target, opt_state=opt_state
@@ -181,30 +195,30 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             f"use a multiple of {mesh.size}"
         )
     ckpt = checkpoint.Checkpointer(workdir, config)  # raises now if it cannot resume
-    net, state, tx = build(config, mesh)
-    attention_lib.log_startup(net.attention, net.layer_counts)
-    writer = MetricsWriter(workdir, config.total_steps, config.batch_size)
-    counters = {"bad_images": 0}  # running totals over the whole run, resumed with it
-    if ckpt.latest_step is not None:
-        target = checkpoint.restore_target(state, mesh)
-        state = None  # free the fresh init before reading: peak memory stays one state
-        state, counters = ckpt.restore(target, counters)
-        if jax.process_index() == 0:
-            print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
     first = ckpt.latest_step or 0
-    writer.truncate(first)  # rows past the checkpoint are re-logged by this run
+    # The data next, so a wrong path stops the run before anything is built or compiled.
     batches = data.create_iterator(
         config,
         first_step=first,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    net, state, tx = build(config, mesh)
+    attention_lib.log_startup(net.attention, net.layer_counts)
+    writer = MetricsWriter(workdir, config.total_steps, config.batch_size)
+    saved_totals = None
+    if ckpt.latest_step is not None:
+        target = checkpoint.restore_target(state, mesh)
+        state = None  # free the fresh init before reading: peak memory stays one state
+        state, saved_totals = ckpt.restore(target, {k: 0 for k in totals_lib.SAVED})
+        if jax.process_index() == 0:
+            print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
+    writer.truncate(first)  # rows past the checkpoint are re-logged by this run
     step_fn = compile_step(config, net, tx, mesh, state)
-    # Summed on device each step (no host sync); fetched when logging or saving.
-    totals = {k: jnp.asarray(v, jnp.int32) for k, v in counters.items()}
+    totals = totals_lib.RunTotals(config, saved_totals)
 
-    def host_totals() -> dict[str, int]:
-        return {k: int(v) for k, v in jax.device_get(totals).items()}
+    def last_checkpoint() -> str | None:
+        return ckpt.path(ckpt.last_saved) if ckpt.last_saved is not None else None
 
     last_time, last_step = time.perf_counter(), first
     stopped = None
@@ -213,20 +227,23 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             for step in range(first, config.total_steps):
                 batch = sharding.global_batch(mesh, next(batches))
                 state, metrics = step_fn(state, batch)
-                totals = {k: totals[k] + metrics.pop(k) for k in totals}
                 done = step + 1
+                totals.add(metrics, done)
                 if done % config.log_every == 0 or done == config.total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    del metrics["bad_images"], metrics["nonfinite"]  # the totals say more
                     now = time.perf_counter()
                     metrics["img_per_s"] = (
                         (done - last_step) * config.batch_size / (now - last_time)
                     )
-                    metrics.update(host_totals())
+                    metrics.update(totals.read())
                     last_time, last_step = now, done
                     writer.write(done, metrics)
+                    totals.check(last_checkpoint())
                 stopped = stop.received or ckpt.reached_preemption(done) and "preemption"
                 if stopped or ckpt.due(done):
-                    ckpt.save(done, state, host_totals())
+                    totals.check(last_checkpoint())  # never save after a stopping streak
+                    ckpt.save(done, state, totals.read())
                 if stopped:
                     break
         finally:
