@@ -153,16 +153,34 @@ class Checkpointer:
         """Start an async save of `state` after `step` (arrays are copied before it returns)."""
         if step == self.last_saved:
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(self._config_json),
-                counters=ocp.args.JsonSave(counters),
-            ),
-            force=True,  # we decide when to save (due / preemption), not the manager's policy
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(self._config_json),
+            counters=ocp.args.JsonSave(counters),
         )
+        # force: we decide when to save (due / preemption), not the manager's policy. The save
+        # waits for the previous one, so a failed write of that one surfaces here too.
+        self._writing(step, lambda: self.manager.save(step, args=args, force=True))
         self.last_saved = step
+
+    def _writing(self, step: int, write: Callable[[], object]) -> None:
+        """write(); a failure (disk full, permissions) becomes one message saying what is kept."""
+        try:
+            write()
+        except Exception as e:  # orbax and tensorstore raise many types
+            while e.__cause__ is not None:
+                e = e.__cause__
+            detail = (str(e).strip().splitlines() or [""])[0][:300]
+            # Orbax renames a save into place once complete: finished ones are the digit names.
+            done = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+            done = [int(n) for n in done if n.isdigit() and int(n) != step]
+            kept = f"the checkpoint of step {max(done)} ({self.path(max(done))})" if done else None
+            kept = kept or "no earlier checkpoint exists; nothing"
+            raise RuntimeError(
+                f"cannot write the checkpoint of step {step} under {self.directory} "
+                f"({type(e).__name__}: {detail}); {kept} is intact, and a rerun resumes from it. "
+                "Free disk space or fix the folder's permissions, or use another --workdir"
+            ) from None
 
     def reached_preemption(self, step: int) -> bool:
         """Multi-host preemption, agreed on by all hosts through JAX's preemption service."""
@@ -170,8 +188,10 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for pending saves to be finalised, then release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._writing(self.last_saved, self.manager.wait_until_finished)
+        finally:
+            self.manager.close()
 
 
 def _find_step_dir(path: str) -> str:

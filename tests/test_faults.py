@@ -1,0 +1,129 @@
+"""Faults: a run SIGKILLed at random moments (during asynchronous saves too) and restarted each
+time ends exactly where an uninterrupted run does; a failed checkpoint write says what is kept."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.default import get_config
+from jepa_jax import checkpoint, sharding, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 8, 2
+FLAGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}"]
+FLAGS += ["--config.log_every=1", "--config.keep_checkpoints=2"]
+
+
+def _config():
+    config = get_config("tiny")
+    config.total_steps, config.checkpoint_every = STEPS, EVERY
+    config.log_every, config.keep_checkpoints = 1, 2
+    return config
+
+
+def _start(workdir):
+    cmd = [sys.executable, "train.py", "--config=configs/default.py:tiny", f"--workdir={workdir}"]
+    with open(os.path.join(workdir, "stderr.txt"), "a") as err:
+        return subprocess.Popen(
+            cmd + FLAGS, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1
+        )
+
+
+def _saving(workdir) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any("tmp" in name for name in os.listdir(folder))
+
+
+def _read_state(workdir):
+    config = _config()
+    mesh = sharding.make_mesh(config.mesh)
+    box = {}
+
+    def make():
+        box["net"], state, _ = trainer.build(config, mesh)
+        return state
+
+    import jax
+
+    target = checkpoint.restore_target(jax.eval_shape(make), mesh)
+    return checkpoint.Checkpointer(workdir, config).restore(target, {})[0]
+
+
+def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng()
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    uninterrupted = _start(reference)  # runs beside the first killed runs
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    kills = during_save = 0
+    for _ in range(30):
+        proc = _start(run)
+        # Kill after a random number of logged steps, or as soon as a save is in flight.
+        wait_steps, aim_at_save = int(rng.integers(1, 4)), kills % 2 == 1
+        seen = 0
+        for line in proc.stdout:
+            seen += line.startswith("step ")
+            if aim_at_save:
+                deadline = time.time() + 2
+                while not _saving(run) and time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.001)
+                if _saving(run):
+                    during_save += 1
+                    break
+            elif seen >= wait_steps:
+                break
+        if proc.poll() is None and kills < 5 + (during_save == 0):
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+            proc.wait()
+            continue
+        proc.stdout.read()
+        assert proc.wait(timeout=300) == 0, (run / "stderr.txt").read_text()[-2000:]
+        if os.path.isdir(run / "checkpoints" / str(STEPS)):
+            break
+    assert kills >= 5 and during_save >= 1, (kills, during_save)
+    uninterrupted.stdout.read()
+    assert uninterrupted.wait(timeout=300) == 0, (reference / "stderr.txt").read_text()[-2000:]
+
+    import jax
+
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+        _read_state(str(run)),
+        _read_state(str(reference)),
+    )
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    expected = [json.loads(line) for line in open(reference / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step logged once
+    assert [r["loss"] for r in rows] == [r["loss"] for r in expected]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step > EVERY:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    config = _config()
+    config.total_steps = 2 * EVERY
+    with pytest.raises(RuntimeError) as e:
+        trainer.train_and_evaluate(config, str(tmp_path))
+    message = str(e.value)
+    assert f"cannot write the checkpoint of step {2 * EVERY}" in message
+    assert "No space left on device" in message
+    assert f"the checkpoint of step {EVERY} ({tmp_path / 'checkpoints' / str(EVERY)})" in message
+    monkeypatch.undo()
+    assert checkpoint.Checkpointer(str(tmp_path), config).latest_step == EVERY
