@@ -36,11 +36,17 @@ def _mistakes(tmp_path):
             "no images found under config.data.path",
         ),
         "mesh that does not fit": (["--config.mesh.data=3"], "config.mesh"),
+        "cudnn without a GPU": (
+            ["--config.model.attention=cudnn"],
+            "config.model.attention=cudnn cannot run here: no CUDA GPU",
+        ),
     }
 
 
 def test_each_mistake_is_one_line_on_stderr(tmp_path):
     runs, mistakes = {}, _mistakes(tmp_path)
+    if jax.default_backend() == "gpu":
+        del mistakes["cudnn without a GPU"]
     for name, (flags, _) in mistakes.items():
         config = [f for f in flags if f.startswith("--config=")] or [
             "--config=configs/default.py:tiny"

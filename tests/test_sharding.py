@@ -32,7 +32,7 @@ def test_meshes_agree_with_one_device(run_steps):
     config = float32_tiny()
     ref_state, _, ref_hist = run_steps(config, mesh_of(1, 1), 3)
     ref_params = jax.device_get(ref_state.params)
-    for data, fsdp in [(8, 1), (4, 2), (1, 8)]:
+    for data, fsdp in [(4, 2), (1, 8)]:  # (8, 1), the default, is every other test's mesh
         state, _, hist = run_steps(config, mesh_of(data, fsdp), 3)
         np.testing.assert_allclose(
             [h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5
@@ -102,7 +102,8 @@ def test_fsdp8_trains_vit_b16_shaped_model(run_steps):
     config.model.image_size, config.batch_size, config.data.num_workers = 96, 8, 0
     config.mask.min_keep = 4
     config.mesh.data, config.mesh.fsdp = 1, 8
-    state, _, hist = run_steps(config, sharding.make_mesh(config.mesh), 2)
+    config.model.scan_layers = True  # one compiled block: the sharding is what is tested
+    state, _, hist = run_steps(config, sharding.make_mesh(config.mesh), 1)
     assert all(np.isfinite(h["loss"]) for h in hist)
     device = jax.devices()[0]
     total = per_device = 0
