@@ -98,4 +98,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: all devices left over)
     c.mesh.fsdp = 1  # parameter-sharding axis size
+
+    # Metrics also go to Weights & Biases when a project is named here and `wandb` is installed
+    # (otherwise the run says so and goes on); TensorBoard files are always written.
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = ""  # W&B project ("": off); the run is named after the workdir
     return c

@@ -176,7 +176,14 @@ def describe(choice: Choice, layers: dict[str, int]) -> str:
     return line
 
 
+def startup_line(choice: Choice, layers: dict[str, int]) -> str:
+    """`describe`, marked `Warning: ` only where a GPU is present but cuDNN cannot run on it: on
+    a machine with no GPU, auto's fallback is what is expected, so the line is plain."""
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    return ("Warning: " if choice.reason and has_gpu else "") + describe(choice, layers)
+
+
 def log_startup(choice: Choice, layers: dict[str, int]) -> None:
-    """Print the startup line on process 0, marked as a warning when auto fell back."""
+    """Print the startup line on process 0."""
     if jax.process_index() == 0:
-        print(("Warning: " if choice.reason else "") + describe(choice, layers), flush=True)
+        print(startup_line(choice, layers), flush=True)

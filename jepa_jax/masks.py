@@ -10,8 +10,9 @@ tokens outside every target. Differences from the upstream MaskCollator, on purp
 - target blocks are padded to `max_target` tokens with their true lengths alongside.
 Token index = row * W + col.
 
-CLI: `python -m jepa_jax.masks --config=configs/default.py:vit_b16 --num_batches=200 [--png=P]`
-prints one JSON line of statistics (and draws a few masks with --png).
+CLI: `python -m jepa_jax.masks --config=configs/default.py:vit_b16 --num_batches=200 [--png=P]
+[--crops]` prints one JSON line of statistics (and draws a few masks with --png, with a legend,
+over crops of the configured data with --crops).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import math
 
 import numpy as np
+
+from jepa_jax.pictures import dense_masks, mask_picture
 
 MAX_TRIES = 100  # redraws of one image's positions before the config is declared infeasible
 _DERIVE_STRATA = 16  # 16 x 16 block-size cells for that mean (deterministic)
@@ -293,40 +296,40 @@ def mask_spec(config) -> MaskSpec:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _dense(batch: dict[str, np.ndarray], num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean context [B, T] and per-target [B, M, T] masks from index arrays."""
-    B, M, K = batch["target_idx"].shape
-    context = np.zeros((B, num_tokens), bool)
-    np.put_along_axis(context, batch["context_idx"].astype(np.int64), True, axis=1)
-    targets = np.zeros((B, M, num_tokens), bool)
-    valid = np.arange(K) < batch["target_len"][..., None]
-    b, mi, k = np.nonzero(valid)
-    targets[b, mi, batch["target_idx"][b, mi, k]] = True
-    return context, targets
+def first_crops(config, step: int, count: int) -> np.ndarray:
+    """uint8 [count, S, S, 3]: the first `count` crops of global batch `step` (what the trainer
+    feeds with that step's masks), read from the configured data."""
+    from jepa_jax import data
+
+    start = step * config.batch_size
+    config = config.copy_and_resolve_references()
+    config.batch_size = count  # the crop stream does not depend on it; only its size check does
+    dataset = data.image_dataset(config)
+    return np.stack([dataset[start + i]["images"] for i in range(count)])
 
 
-def _write_png(path: str, batch: dict[str, np.ndarray], grid: tuple[int, int], n: int = 4):
-    """First n images side by side: grey unused, blue context, targets in colours (mixed)."""
+def write_png(path: str, config, batch: dict[str, np.ndarray], crops: bool = False) -> None:
+    """A picture of the batch's first masks with a title and legend, over real crops if asked."""
     from PIL import Image
 
-    H, W = grid
-    context, targets = _dense(batch, H * W)
-    palette = np.array([[220, 50, 47], [133, 153, 0], [181, 137, 0], [108, 113, 196]], float)
-    colours = palette[np.arange(targets.shape[1]) % len(palette)]
-    cell, gap, panels = 12, 8, []
-    for i in range(min(n, len(context))):
-        hits = targets[i].T.astype(float)  # [T, M]
-        img = np.where(context[i][:, None], [[38, 139, 210]], [[225, 225, 225]]).astype(float)
-        covered = hits.sum(axis=1) > 0
-        img[covered] = (hits @ colours)[covered] / hits.sum(axis=1)[covered, None]
-        big = np.kron(img.reshape(H, W, 3), np.ones((cell, cell, 1)))
-        big[::cell], big[:, ::cell] = 255, 255  # grid lines
-        panels += [big, np.full((H * cell, gap, 3), 255.0)]
-    Image.fromarray(np.concatenate(panels[:-1], axis=1).astype(np.uint8)).save(path)
+    spec = mask_spec(config)
+    n = min(4, len(batch["context_idx"]))
+    images = first_crops(config, 0, n) if crops else None
+    where = f" over crops of {config.data.source} data" if crops else ""
+    title = f"I-JEPA masks ({config.get('preset', 'config')}, step 0){where}"
+    picture = mask_picture(batch, spec.grid, crops=images, num_images=n, title=title)
+    Image.fromarray(picture).save(path)
 
 
-def run(config, num_batches: int, batch_size: int | None = None, png: str | None = None) -> dict:
-    """Statistics of num_batches batches drawn as the trainer draws them (steps 0, 1, ...)."""
+def run(
+    config,
+    num_batches: int,
+    batch_size: int | None = None,
+    png: str | None = None,
+    crops: bool = False,
+) -> dict:
+    """Statistics of num_batches batches drawn as the trainer draws them (steps 0, 1, ...); with
+    `png`, a picture of the first batch's masks (over the configured data's crops if `crops`)."""
     spec = mask_spec(config)
     H, W = spec.grid
     batch_size = batch_size or min(config.batch_size, spec.trim_batch)
@@ -335,14 +338,14 @@ def run(config, num_batches: int, batch_size: int | None = None, png: str | None
     last_row_col[-1], last_row_col[:, -1] = True, True
     for step in range(num_batches):
         batch = sample_masks(spec, batch_size, mask_rng(config.seed, step))
-        context, targets = _dense(batch, H * W)
+        context, targets = dense_masks(batch, H * W)
         union = targets.any(axis=1)
         ctx_tokens += context.sum()
         tgt_tokens += batch["target_len"].sum()
         overlap += (context & union).sum()
         edge_hits += (union & last_row_col.ravel()).any(axis=1).sum()
         if step == 0 and png:
-            _write_png(png, batch, spec.grid)
+            write_png(png, config, batch, crops)
     images = num_batches * batch_size
     return {
         "grid": list(spec.grid),
@@ -362,7 +365,8 @@ def run(config, num_batches: int, batch_size: int | None = None, png: str | None
 
 def _main(argv) -> None:
     del argv
-    print(json.dumps(run(_FLAGS.config, _FLAGS.num_batches, _FLAGS.batch_size, _FLAGS.png)))
+    f = _FLAGS
+    print(json.dumps(run(f.config, f.num_batches, f.batch_size, f.png, f.crops)))
 
 
 if __name__ == "__main__":
@@ -376,6 +380,7 @@ if __name__ == "__main__":
         "batch_size", None, "images per batch (default min(batch_size, mask.trim_batch))"
     )
     flags.DEFINE_string("png", None, "write a picture of the first batch's masks here")
+    flags.DEFINE_bool("crops", False, "draw the --png masks over crops of the configured data")
     flags.mark_flag_as_required("config")
     _FLAGS = flags.FLAGS
     app.run(_main)

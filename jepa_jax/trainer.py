@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
 import functools
-import json
-import os
 import signal
 import threading
-import time
 
 import flax
 import jax
@@ -16,10 +12,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jepa_jax import attention as attention_lib
 from jepa_jax import checkpoint, data, models, objective, optim, sharding
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
+from jepa_jax.metrics import MetricsWriter
 from jepa_jax.objective import Networks
 
 
@@ -113,46 +109,6 @@ def compile_step(config, net: Networks, tx, mesh, state: TrainState):
     )
 
 
-class MetricsWriter:
-    """Prints a concise line and appends JSON lines to WORKDIR/metrics.jsonl (process 0 only)."""
-
-    def __init__(self, workdir: str, total_steps: int, batch_size: int):
-        self.enabled = jax.process_index() == 0
-        self.total_steps, self.batch_size = total_steps, batch_size
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        left = (self.total_steps - step) * self.batch_size / metrics["img_per_s"]
-        eta = datetime.timedelta(seconds=round(left))
-        print(f"step {step}/{self.total_steps} (eta {eta}): {shown}", flush=True)
-
-    def truncate(self, step: int) -> None:
-        """Keep only rows up to `step`, the run's restart point: every step is then logged once."""
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.readlines()
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a crash mid-write
-        if len(keep) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)  # atomic: a crash here leaves the old or the new file
-
-
 class StopSignals:
     """Turns SIGTERM/SIGINT into a flag checked after each step; a second SIGINT stops at once.
 
@@ -204,8 +160,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         process_count=jax.process_count(),
     )
     net, state, tx = build(config, mesh)
-    attention_lib.log_startup(net.attention, net.layer_counts)
-    writer = MetricsWriter(workdir, config.total_steps, config.batch_size)
+    writer = MetricsWriter(workdir, config, first_step=first)
+    writer.startup(mesh, net, state)  # devices, data, parameters, attention, where things go
     saved_totals = None
     if ckpt.latest_step is not None:
         target = checkpoint.restore_target(state, mesh)
@@ -220,8 +176,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     def last_checkpoint() -> str | None:
         return ckpt.path(ckpt.last_saved) if ckpt.last_saved is not None else None
 
-    last_time, last_step = time.perf_counter(), first
-    stopped = None
+    stopped, done = None, first
     with StopSignals() as stop:
         try:
             for step in range(first, config.total_steps):
@@ -229,16 +184,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 state, metrics = step_fn(state, batch)
                 done = step + 1
                 totals.add(metrics, done)
+                writer.tick(done, metrics)  # progress bar; times the compiling first step apart
                 if done % config.log_every == 0 or done == config.total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     del metrics["bad_images"], metrics["nonfinite"]  # the totals say more
-                    now = time.perf_counter()
-                    metrics["img_per_s"] = (
-                        (done - last_step) * config.batch_size / (now - last_time)
-                    )
                     metrics.update(totals.read())
-                    last_time, last_step = now, done
-                    writer.write(done, metrics)
+                    writer.write(done, metrics)  # adds img/s and the ETA
                     totals.check(last_checkpoint())
                 stopped = stop.received or ckpt.reached_preemption(done) and "preemption"
                 if stopped or ckpt.due(done):
@@ -249,10 +200,6 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         finally:
             ckpt.close()  # waits until pending saves are finalised
             batches.close()  # stops grain's worker processes
-    if stopped and jax.process_index() == 0:
-        print(
-            f"Stopped by {stopped} after step {done}; saved {ckpt.path(done)}. "
-            "Rerun the same command to resume.",
-            flush=True,
-        )
+            writer.close()  # the progress bar, TensorBoard and W&B
+    writer.finish(done, last_checkpoint(), stopped)  # steps, time, loss, checkpoint, next
     return state

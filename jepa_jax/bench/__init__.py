@@ -3,7 +3,7 @@
 Usage (from the repo root; each run writes one JSON file and prints a table last on stdout):
   python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
       [--shapes 256x196x12x64,128x69x16x80] [--dtype bfloat16] [--kv-lengths]
-      [--reps 20] [--warmup 3] [--out bench_attention.json]
+      [--reps 20] [--warmup 3] [--out bench_attention.json] [--plot attention.png]
   python -m jepa_jax.bench train [--config vit_b16] [--config.model.remat=True ...]
       [--impls cudnn,xla,reference] [--per-device-batch 128] [--steps 20] [--warmup 3]
       [--peak-tflops 989] [--out bench_train.json]
@@ -15,6 +15,9 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
   python -m jepa_jax.bench profile [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--steps 3] [--warmup 3] [--top 25] [--trace-dir bench_trace] [--out bench_profile.json]
       (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step)
+
+Every mode takes --plot PATH: the implementations side by side as bar charts (needs matplotlib,
+the `plot` extra).
 
 `train` and `max-batch` run every measurement in a fresh subprocess: a process's peak device
 memory never resets, and an out-of-memory error must not poison the measurements after it. Their

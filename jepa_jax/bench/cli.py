@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from jepa_jax.bench import plot
 from jepa_jax.bench.attention import ATTENTION_COLUMNS, run_attention
 from jepa_jax.bench.breakdown import BREAKDOWN_COLUMNS, run_breakdown
 from jepa_jax.bench.common import format_table
@@ -67,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     search.add_argument("--steps", type=int, default=3, help="timed steps per try (0: none)")
     for p in modes.choices.values():
         p.add_argument("--out", help="JSON path (default bench_<mode>.json)")
+        p.add_argument("--plot", help="also draw the comparison to this PNG (needs matplotlib)")
     args, extra = parser.parse_known_args(argv)
     # train.py's overrides, --config.FIELD=VALUE (or --config.FIELD VALUE), pass through whole.
     args.overrides, rest = [], list(extra)
@@ -99,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if getattr(args, "_child", None):
         _child_main(args)
         return None
+    if args.plot:
+        plot.require_matplotlib()
     run, columns = MODES[args.mode]
     result = {
         "mode": args.mode,
@@ -109,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
+    if args.plot:
+        plot.plot(result, args.plot)
+        print(f"wrote {args.plot}")
     for shape, ratios in result["ratios"].items():
         print(f"{shape}: {json.dumps(ratios)}")
     print(format_table(result["rows"], columns), flush=True)

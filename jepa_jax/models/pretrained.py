@@ -14,8 +14,10 @@ from jepa_jax.models.vit import SIZES
 def load_encoder(
     path: str, which: str = "target", *, attention: str = "auto"
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-    """(encoder, config) from a workdir or step folder: normalized [B,H,W,3] images -> [B,N,D]
-    float32 features.
+    """(encoder, config) from a workdir or step folder: `encoder(data.normalize(images))` maps
+    images [B, S, S, 3] (RGB, S = config.model.image_size) to features [B, N, D], always float32
+    (the residual stream and final norm run in float32 whatever the run trained with; matmuls
+    keep the run's compute dtype). Images of another size raise one ValueError saying the size.
 
     `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
     Only that encoder's parameters are read, onto the first local device.

@@ -236,7 +236,21 @@ class VisionTransformer(nnx.Module):
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)
 
+    def check_images(self, shape: tuple[int, ...]) -> None:
+        """Raise one clear ValueError unless `shape` is [B, S, S, 3] at this encoder's size S:
+        its positions are fixed to the grid it was trained on (a check on static shapes, so it
+        costs nothing under jit)."""
+        side = self.grid[0] * self.patch_size
+        if len(shape) != 4 or tuple(shape[1:]) != (side, side, 3):
+            raise ValueError(
+                f"images of shape {tuple(shape)}: this encoder takes [batch, {side}, {side}, 3] "
+                f"(RGB, {side} px: its positions are fixed to the {self.grid[0]}x{self.grid[1]} "
+                f"patch grid of model.image_size={side}); resize or crop the images to {side}x"
+                f"{side} first"
+            )
+
     def __call__(self, images: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+        self.check_images(images.shape)
         patches = patchify(images.astype(self.dtype), self.patch_size)
         pos = jnp.asarray(sincos_pos_embed(self.size.width, *self.grid), self.residual_dtype)
         if token_idx is not None:  # embed only the kept patches
