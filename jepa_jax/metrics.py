@@ -164,6 +164,7 @@ class MetricsWriter:
         self._clock = clock or time.perf_counter
         self.pace = Pace(first_step, self._clock())
         self.flops_per_image: float | None = None  # set by startup() on a known GPU: MFU
+        self._peak: float | None = None  # peak FLOP/s of all devices together, with it
         self.last_loss: tuple[int, float] | None = None
         self._shown: dict[str, Any] = {}
         self.bar = self.tensorboard = self.wandb = None
