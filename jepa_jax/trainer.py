@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
@@ -150,35 +151,39 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             f"config.batch_size={config.batch_size} does not divide over {mesh.size} devices; "
             f"use a multiple of {mesh.size}"
         )
-    ckpt = checkpoint.Checkpointer(workdir, config)  # raises now if it cannot resume
-    first = ckpt.latest_step or 0
-    # The data next, so a wrong path stops the run before anything is built or compiled.
-    batches = data.create_iterator(
-        config,
-        first_step=first,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    net, state, tx = build(config, mesh)
-    writer = MetricsWriter(workdir, config, first_step=first)
-    writer.startup(mesh, net, state)  # devices, data, parameters, attention, where things go
-    saved_totals = None
-    if ckpt.latest_step is not None:
-        target = checkpoint.restore_target(state, mesh)
-        state = None  # free the fresh init before reading: peak memory stays one state
-        state, saved_totals = ckpt.restore(target, {k: 0 for k in totals_lib.SAVED})
-        if jax.process_index() == 0:
-            print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
-    writer.truncate(first)  # rows past the checkpoint are re-logged by this run
-    step_fn = compile_step(config, net, tx, mesh, state)
-    totals = totals_lib.RunTotals(config, saved_totals)
+    # Each resource is released however the run ends, even if a later one fails to open.
+    with contextlib.ExitStack() as cleanup:
+        ckpt = checkpoint.Checkpointer(workdir, config)  # raises now if it cannot resume
+        cleanup.callback(ckpt.close)  # waits until pending saves are finalised
+        first = ckpt.latest_step or 0
+        # The data next, so a wrong path stops the run before anything is built or compiled.
+        batches = data.create_iterator(
+            config,
+            first_step=first,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        cleanup.callback(batches.close)  # stops grain's worker processes
+        net, state, tx = build(config, mesh)
+        writer = MetricsWriter(workdir, config, first_step=first)
+        cleanup.callback(writer.close)  # the progress bar, TensorBoard and W&B
+        writer.startup(mesh, net, state)  # devices, data, parameters, attention, where things go
+        saved_totals = None
+        if ckpt.latest_step is not None:
+            target = checkpoint.restore_target(state, mesh)
+            state = None  # free the fresh init before reading: peak memory stays one state
+            state, saved_totals = ckpt.restore(target, {k: 0 for k in totals_lib.SAVED})
+            if jax.process_index() == 0:
+                print(f"Resumed from step {ckpt.latest_step} ({ckpt.path()})", flush=True)
+        writer.truncate(first)  # rows past the checkpoint are re-logged by this run
+        step_fn = compile_step(config, net, tx, mesh, state)
+        totals = totals_lib.RunTotals(config, saved_totals)
 
-    def last_checkpoint() -> str | None:
-        return ckpt.path(ckpt.last_saved) if ckpt.last_saved is not None else None
+        def last_checkpoint() -> str | None:
+            return ckpt.path(ckpt.last_saved) if ckpt.last_saved is not None else None
 
-    stopped, done = None, first
-    with StopSignals() as stop:
-        try:
+        stopped, done = None, first
+        with StopSignals() as stop:
             for step in range(first, config.total_steps):
                 batch = sharding.global_batch(mesh, next(batches))
                 state, metrics = step_fn(state, batch)
@@ -197,9 +202,5 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                     ckpt.save(done, state, totals.read())
                 if stopped:
                     break
-        finally:
-            ckpt.close()  # waits until pending saves are finalised
-            batches.close()  # stops grain's worker processes
-            writer.close()  # the progress bar, TensorBoard and W&B
     writer.finish(done, last_checkpoint(), stopped)  # steps, time, loss, checkpoint, next
     return state

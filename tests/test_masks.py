@@ -171,7 +171,6 @@ def test_infeasible_context_length_raises_clearly():
         ("mask.num_context_tokens", 0),
         ("mask.num_context_tokens", 10_000),
         ("mask.trim_batch", 0),
-        ("model.image_size", 225),
     ],
 )
 def test_validation_names_the_field(field, value):
