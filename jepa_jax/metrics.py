@@ -211,7 +211,7 @@ class MetricsWriter:
         peak = peak_flops(device.device_kind)
         if peak:
             from jepa_jax import masks
-            from jepa_jax.bench.flops import flops_per_image
+            from jepa_jax.flops import flops_per_image
 
             spec = masks.mask_spec(self.config)
             self.flops_per_image = flops_per_image(self.config, spec)

@@ -29,10 +29,10 @@ from jepa_jax.bench.attention import attention_flops, bench_attention_one
 from jepa_jax.bench.breakdown import breakdown_rows
 from jepa_jax.bench.cli import MODES, main, parse_args
 from jepa_jax.bench.common import format_table, load_config
-from jepa_jax.bench.flops import flops_per_image, step_flops_by_part
 from jepa_jax.bench.max_batch import max_batch_one
 from jepa_jax.bench.profile import device_kernels, kernel_table
 from jepa_jax.bench.train import train_row
+from jepa_jax.flops import flops_per_image, step_flops_by_part
 
 __all__ = [
     "MODES",

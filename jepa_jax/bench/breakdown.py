@@ -7,7 +7,7 @@ import statistics
 import time
 
 from jepa_jax.bench.common import _environment, real_step_inputs
-from jepa_jax.bench.flops import step_flops_by_part
+from jepa_jax.flops import step_flops_by_part
 
 
 def _median_ms(fn, *args, reps: int) -> float:

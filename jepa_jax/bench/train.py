@@ -25,7 +25,7 @@ from jepa_jax.bench.common import (
     _ratios,
     load_config,
 )
-from jepa_jax.bench.flops import flops_per_image
+from jepa_jax.flops import flops_per_image
 
 NUM_IMAGE_BATCHES = 2  # distinct synthetic image batches rotated in `train`
 
