@@ -1,6 +1,7 @@
 """Benchmarks: each mode writes its JSON and table; FLOPs match a hand count; the batch search."""
 
 import dataclasses
+import gzip
 import json
 
 import jax
@@ -210,8 +211,13 @@ def test_profile_mode_writes_trace_and_json(tmp_path):
     result = json.loads(out.read_text())
     (summary,) = result["summaries"]
     assert summary["traced_wall_ms_per_step"] > 0
-    assert list(traces.glob("reference/**/perfetto_trace.json.gz"))
-    if ON_CPU:  # host events only: nothing on a GPU stream
+    (trace,) = traces.glob("reference/**/perfetto_trace.json.gz")
+    if ON_CPU:  # no GPU stream: no kernel rows, but the trace holds the step and XLA's CPU ops
         assert result["rows"] == [] and summary["kernel_ms_per_step"] == 0
+        events = json.load(gzip.open(trace))
+        events = events["traceEvents"] if isinstance(events, dict) else events
+        names = {e.get("name") or "" for e in events if e.get("ph") == "X"}
+        assert "PjitFunction(train_step)" in names
+        assert any("fusion" in name for name in names)
     else:
         assert summary["kernel_ms_per_step"] > 0 and result["rows"]
