@@ -95,6 +95,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
 
+    # k-NN evaluation of the target encoder during training (python -m jepa_jax.evaluate is the
+    # full linear probe + k-NN): labelled folders root/<class>/<images> with the same classes,
+    # or "builtin" (README: Did pretraining work?).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between evaluations (0: off)
+    c.eval.train_data = ""  # the k-NN memory bank
+    c.eval.val_data = ""  # the images scored
+    c.eval.features = "avgpool"  # avgpool (mean of the output tokens) | last4 (last 4 blocks)
+    c.eval.batch_size = 256  # global extraction batch (rounded up to a multiple of the devices)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: all devices left over)
     c.mesh.fsdp = 1  # parameter-sharding axis size
