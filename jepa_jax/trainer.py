@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jepa_jax import checkpoint, data, models, objective, optim, sharding
+from jepa_jax import checkpoint, data, evaluate, models, objective, optim, sharding
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
 from jepa_jax.metrics import MetricsWriter
@@ -164,6 +164,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
             process_count=jax.process_count(),
         )
         cleanup.callback(batches.close)  # stops grain's worker processes
+        evaluator = evaluate.periodic(config, mesh)  # k-NN every config.eval.every steps, or None
+        evaluated: dict[str, float] = {}  # logged with the next metrics line
         net, state, tx = build(config, mesh)
         writer = MetricsWriter(workdir, config, first_step=first)
         cleanup.callback(writer.close)  # the progress bar, TensorBoard and W&B
@@ -190,10 +192,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 done = step + 1
                 totals.add(metrics, done)
                 writer.tick(done, metrics)  # progress bar; times the compiling first step apart
+                if evaluator and done % config.eval.every == 0:
+                    evaluated = evaluator(net.encoder, state.target)
                 if done % config.log_every == 0 or done == config.total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     del metrics["bad_images"], metrics["nonfinite"]  # the totals say more
-                    metrics.update(totals.read())
+                    metrics.update(totals.read(), **evaluated)
+                    evaluated = {}
                     writer.write(done, metrics)  # adds img/s and the ETA
                     totals.check(last_checkpoint())
                 stopped = stop.received or ckpt.reached_preemption(done) and "preemption"

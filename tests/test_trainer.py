@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 from configs.default import get_config
 from jepa_jax import masks, sharding, trainer
@@ -20,16 +22,31 @@ def read_metrics(workdir):
 
 
 def test_loss_decreases_on_tiny(tmp_path):
+    """It learns; and k-NN evaluation during training is logged with the metrics."""
     config = get_config("tiny")
     config.total_steps, config.log_every, config.optim.warmup_steps = 30, 1, 0
-    state = trainer.train_and_evaluate(config, str(tmp_path))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+            os.makedirs(tmp_path / "labelled" / split / str(c))
+            for i in range(n):
+                noise = rng.integers(-30, 30, (32, 32, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "labelled" / split / str(c) / f"{i}.png")
+    config.eval.every, config.eval.batch_size = 15, 8
+    config.eval.train_data = str(tmp_path / "labelled" / "train")
+    config.eval.val_data = str(tmp_path / "labelled" / "val")
+    state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
     assert int(state.step) == 30
-    losses = [m["loss"] for m in read_metrics(tmp_path)]
+    rows = read_metrics(tmp_path / "run")
+    losses = [m["loss"] for m in rows]
     assert len(losses) == 30
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
-    row = read_metrics(tmp_path)[-1]
+    row = rows[-1]
     assert set(row) >= {"step", "loss", "lr", "wd", "momentum", "grad_norm", "img_per_s"}
+    evaluated = [m["step"] for m in rows if "knn_top1" in m]
+    assert evaluated == [15, 30] and 0 <= rows[-1]["knn_top1"] <= 100
 
 
 def test_step_compiles_once_over_varying_masks(run_steps):
