@@ -18,15 +18,30 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run (with coordinator).")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_integer(
+    "distributed_timeout",
+    sharding.DISTRIBUTED_TIMEOUT_S,
+    "Multi-process runs: seconds after which the other processes give up on one that stopped "
+    "answering (killed, crashed, host lost) and all stop, and the most a finished process waits "
+    "for the others at exit.",
+)
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probing INFO lines off the console
-    sharding.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    errors.exit_on_user_error(
+        sharding.initialize_distributed,
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        FLAGS.distributed_timeout,
     )
-    errors.exit_on_user_error(trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    # With several processes, an error (often: another process died) exits at once rather than
+    # waiting for peers that may be gone; SIGTERM goes through JAX's preemption sync instead.
+    sharding.exit_at_once_on_error(
+        errors.exit_on_user_error, trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir
+    )
 
 
 if __name__ == "__main__":

@@ -7,13 +7,21 @@ cuDNN attention's partitioning rules are written for them.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("data", "fsdp")
+# Seconds the processes of a run wait for one that stopped answering before they all stop.
+DISTRIBUTED_TIMEOUT_S = 60
+T = TypeVar("T")
 
 
 def is_multiprocess_env(env=os.environ) -> bool:
@@ -25,14 +33,94 @@ def is_multiprocess_env(env=os.environ) -> bool:
     )
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes=None, process_id=None):
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = DISTRIBUTED_TIMEOUT_S,
+) -> None:
     """Join a multi-process run when asked to or when the environment describes one.
 
     jax.distributed reads SLURM / Open MPI variables itself; explicit values win over them.
-    Must run before anything touches the devices.
+    Must run before anything touches the devices. `timeout_s` bounds how long the others wait
+    for a process that stopped answering (killed, crashed, host lost) before they all stop, and
+    how long a finished process waits for the others at exit.
     """
-    if coordinator or is_multiprocess_env():
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+    explicit = coordinator or num_processes is not None or process_id is not None
+    if not (explicit or is_multiprocess_env()):
+        return
+    if explicit and not is_multiprocess_env() and None in (coordinator, num_processes, process_id):
+        raise ValueError(
+            "a multi-process run outside SLURM / Open MPI needs all three of "
+            "--coordinator_address=HOST:PORT (process 0's host, a free port), --num_processes "
+            "and --process_id (0 .. num_processes-1, one per process)"
+        )
+    # A CPU mesh that spans processes needs cross-process collectives (gloo over TCP); they are
+    # chosen when the CPU backend starts, i.e. now, before anything touches the devices.
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax binds the coordinator to every interface by default; a one-machine run keeps it local.
+    bind = coordinator if coordinator and _is_loopback(coordinator) else None
+    jax.distributed.initialize(
+        coordinator,
+        num_processes,
+        process_id,
+        coordinator_bind_address=bind,
+        heartbeat_timeout_seconds=timeout_s,
+        shutdown_timeout_seconds=timeout_s,
+    )
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # Measured with jax 0.10.2: a CPU executable read back from the persistent compilation
+        # cache pairs its cross-process collectives wrongly (with a freshly compiled peer: a
+        # hang; with a cached peer: gloo "Received data size doesn't match"). Compile afresh.
+        jax.config.update("jax_enable_compilation_cache", False)
+
+
+def exit_at_once_on_error(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs); in a multi-process run an exception ends this process at once, with
+    its traceback and one last line saying what happened (a user error's exit, at once too).
+
+    Left alone, it would wait at exit for the other processes (jax's shutdown barrier) while they
+    wait in a collective for it, or for a process that is gone: the run would hang until the
+    distributed timeout and end in a page of C++ logs. Exiting at once makes the others fail
+    fast too (their collectives lose this peer).
+    """
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit as e:  # a user error, already printed in one line
+        if e.code in (0, None):
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
+    except (Exception, KeyboardInterrupt) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if not interrupted:
+            traceback.print_exc()
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        if interrupted:
+            what = "was interrupted (SIGINT; SIGTERM would save a checkpoint first)"
+        else:
+            what = (
+                f"stopped on {type(e).__name__}: {detail}. If another process of this run "
+                "failed or was killed first (its log says why), this is the consequence"
+            )
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} {what}. Every "
+            "process stops now; rerun the same command on all of them to resume from the last "
+            "checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(130 if interrupted else 1)  # skip the shutdown barrier: the others may be gone
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -83,6 +171,33 @@ def state_shardings(mesh: Mesh, abstract_state):
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assemble each host's slice of the batch into global arrays sharded over the mesh."""
+    """Assemble each process's rows of the batch into global arrays sharded over the mesh.
+
+    Process p holds rows p*L .. p*L + L - 1 of the global batch (data.process_rows); the arrays
+    put them exactly there, or this raises if the mesh gives p's devices other rows.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    out = {}
+    for k, v in local.items():
+        global_shape = (len(v) * jax.process_count(), *np.shape(v)[1:])
+        _check_process_rows(sharding, global_shape[0])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _check_process_rows(sharding: NamedSharding, batch: int) -> None:
+    """Raise unless this process's devices hold exactly rows p*L .. p*L + L - 1 of `batch`.
+
+    make_array_from_process_local_data fills the rows a process's devices hold with its local
+    rows in order; if those were other rows, the global batch would silently be reordered.
+    """
+    index_map = sharding.addressable_devices_indices_map((batch,))
+    held = sorted({r for (rows,) in index_map.values() for r in range(*rows.indices(batch))})
+    p, local = jax.process_index(), batch // jax.process_count()
+    if held != list(range(p * local, (p + 1) * local)):
+        raise ValueError(
+            f"the mesh gives process {p}'s devices batch rows {held[:4]}... but the input "
+            f"pipeline reads rows {p * local}..{(p + 1) * local - 1}: the mesh's device order "
+            "must put each process's devices together (jax.devices() order)"
+        )
