@@ -40,7 +40,11 @@ def main(argv):
     # With several processes, an error (often: another process died) exits at once rather than
     # waiting for peers that may be gone; SIGTERM goes through JAX's preemption sync instead.
     sharding.exit_at_once_on_error(
-        errors.exit_on_user_error, trainer.train_and_evaluate, FLAGS.config, FLAGS.workdir
+        errors.exit_on_user_error,
+        trainer.train_and_evaluate,
+        FLAGS.config,
+        FLAGS.workdir,
+        hard_exit=True,  # the command's last call: leave at once, one line and nothing after
     )
 
 

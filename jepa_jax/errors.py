@@ -44,8 +44,13 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
-    """fn(*args, **kwargs); a user error prints `error: <message>` and exits with status 2."""
+def exit_on_user_error(fn: Callable[..., T], *args, hard_exit: bool = False, **kwargs) -> T:
+    """fn(*args, **kwargs); a user error prints `error: <message>` and exits with status 2.
+
+    `hard_exit`: leave at once (os._exit) rather than by SystemExit, for a command's last call:
+    its resources are released by then, and interpreter shutdown lets library threads (orbax's)
+    race to log a second, long traceback.
+    """
     try:
         return fn(*args, **kwargs)
     except Exception as e:
@@ -54,6 +59,10 @@ def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
             raise
         message = " ".join(str(found).split())  # one line, whatever the message held
         print(f"error: {message} (JEPA_JAX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        if hard_exit:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
         sys.exit(EXIT_USER_ERROR)
 
 

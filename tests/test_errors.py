@@ -11,7 +11,7 @@ import pytest
 
 from configs.default import get_config
 from jepa_jax import checkpoint, errors, trainer
-from jepa_jax.totals import NonFiniteError
+from jepa_jax.totals import NonFiniteError, RunTotals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,15 +98,18 @@ def test_absurd_learning_rate_stops_without_saving(tmp_path):
     assert checkpoint.Checkpointer(str(tmp_path), config).latest_step == 2
 
 
-def test_skip_policy_goes_on(tmp_path):
+def test_skip_policy_goes_on_and_stop_policy_stops():
+    """RunTotals counts skipped steps; only on_nan=stop raises, once a streak reaches the limit."""
     config = get_config("tiny")
-    config.optim.lr = config.optim.start_lr = 1e30
-    config.optim.warmup_steps = 0
-    config.total_steps, config.log_every, config.checkpoint_every = 4, 4, 0
-    config.on_nan = "skip"
-    state = trainer.train_and_evaluate(config, str(tmp_path))
-    assert int(state.step) == 4
-    rows = [line for line in open(tmp_path / "metrics.jsonl")]
-    assert '"skipped_steps": 3' in rows[-1]
-    finite = jax.tree.map(lambda x: bool(np.isfinite(np.asarray(x, np.float32)).all()), state)
-    assert all(jax.tree.leaves(finite))  # skipped steps never wrote a NaN into the state
+    config.max_nonfinite_steps = 2
+    for policy in ("skip", "stop"):
+        config.on_nan = policy
+        totals = RunTotals(config, {"bad_images": 5, "skipped_steps": 1})
+        for step, nonfinite in enumerate([0, 1, 0, 1, 1, 0], start=1):
+            totals.add({"nonfinite": np.int32(nonfinite), "bad_images": np.int32(1)}, step)
+        assert totals.read() == {"bad_images": 11, "skipped_steps": 4}
+        if policy == "skip":
+            totals.check(None)
+        else:
+            with pytest.raises(NonFiniteError, match="for 2 steps in a row, up to step 5"):
+                totals.check(None)

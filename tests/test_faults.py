@@ -1,5 +1,6 @@
-"""Faults: a run SIGKILLed at random moments (during asynchronous saves too) and restarted each
-time ends exactly where an uninterrupted run does; a failed checkpoint write says what is kept."""
+"""Faults: a run SIGKILLed at random moments (during asynchronous saves too), then SIGTERMed
+(it saves and exits 0), and restarted each time ends exactly where an uninterrupted run does;
+a failed checkpoint write says what is kept."""
 
 import errno
 import json
@@ -66,6 +67,7 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
     run = tmp_path / "killed"
     run.mkdir()
     kills = during_save = 0
+    termed = False
     for _ in range(30):
         proc = _start(run)
         # Kill after a random number of logged steps, or as soon as a save is in flight.
@@ -87,11 +89,18 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
             kills += 1
             proc.wait()
             continue
+        if proc.poll() is None and not termed:  # then once SIGTERM: save and exit 0
+            proc.send_signal(signal.SIGTERM)
+            out = proc.stdout.read()
+            assert proc.wait(timeout=300) == 0, (run / "stderr.txt").read_text()[-2000:]
+            assert "Stopped by SIGTERM after step" in out, out
+            termed = True
+            continue
         proc.stdout.read()
         assert proc.wait(timeout=300) == 0, (run / "stderr.txt").read_text()[-2000:]
         if os.path.isdir(run / "checkpoints" / str(STEPS)):
             break
-    assert kills >= 5 and during_save >= 1, (kills, during_save)
+    assert kills >= 5 and during_save >= 1 and termed, (kills, during_save, termed)
     uninterrupted.stdout.read()
     assert uninterrupted.wait(timeout=300) == 0, (reference / "stderr.txt").read_text()[-2000:]
 
@@ -119,6 +128,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     config = _config()
     config.total_steps = 2 * EVERY
+    config.optim.warmup_steps = 0
     with pytest.raises(RuntimeError) as e:
         trainer.train_and_evaluate(config, str(tmp_path))
     message = str(e.value)
