@@ -98,6 +98,19 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     return Networks(nnx.graphdef(encoder), nnx.graphdef(predictor), choice, counts), state, tx
 
 
+def abstract_state(config, mesh) -> tuple[Networks, TrainState]:
+    """The networks and the state's abstract arrays laid out on `mesh` (nothing allocated):
+    the target a checkpoint restores onto."""
+    box = {}
+
+    def make():
+        box["net"], state, _ = build(config, mesh)
+        return state
+
+    target = checkpoint.restore_target(jax.eval_shape(make), mesh)
+    return box["net"], target
+
+
 def compile_step(config, net: Networks, tx, mesh, state: TrainState):
     """The step, jitted once with state/batch shardings and the old state's buffers donated."""
     step = functools.partial(train_step, net=net, tx=tx, sched=optim.schedules(config))

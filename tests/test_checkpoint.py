@@ -53,14 +53,7 @@ def read_metrics(workdir):
 
 def networks_and_target(config, mesh):
     """The training Networks and the state's abstract arrays on `mesh`, without allocating."""
-    box = {}
-
-    def make_state():
-        box["net"], state, _ = trainer.build(config, mesh)
-        return state
-
-    shapes = jax.eval_shape(make_state)
-    return box["net"], checkpoint.restore_target(shapes, mesh)
+    return trainer.abstract_state(config, mesh)
 
 
 def read_state(workdir, config, mesh):

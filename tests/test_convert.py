@@ -403,14 +403,7 @@ def test_training_resumes_from_a_converted_workdir(release, tmp_path):
     the restored state is the converted one."""
     config = tiny_config(16)
     config.data.num_workers = 3  # batches depend on the step alone: any worker count resumes
-    mesh = sharding.make_mesh(config.mesh)
-    box = {}
-
-    def make():
-        box["net"], state, _ = trainer.build(config, mesh)
-        return state
-
-    target = checkpoint.restore_target(jax.eval_shape(make), mesh)
+    _, target = trainer.abstract_state(config, sharding.make_mesh(config.mesh))
     ckpt = checkpoint.Checkpointer(release.workdir, config)
     assert ckpt.latest_step == 0
     state, counters = ckpt.restore(target, {"bad_images": 0})

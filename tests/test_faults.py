@@ -45,16 +45,7 @@ def _saving(workdir) -> bool:
 
 def _read_state(workdir):
     config = _config()
-    mesh = sharding.make_mesh(config.mesh)
-    box = {}
-
-    def make():
-        box["net"], state, _ = trainer.build(config, mesh)
-        return state
-
-    import jax
-
-    target = checkpoint.restore_target(jax.eval_shape(make), mesh)
+    _, target = trainer.abstract_state(config, sharding.make_mesh(config.mesh))
     return checkpoint.Checkpointer(workdir, config).restore(target, {})[0]
 
 
