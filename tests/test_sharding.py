@@ -32,7 +32,7 @@ def test_meshes_agree_with_one_device(run_steps):
     config = float32_tiny()
     ref_state, _, ref_hist = run_steps(config, mesh_of(1, 1), 3)
     ref_params = jax.device_get(ref_state.params)
-    for data, fsdp in [(1, 8)]:  # (8, 1) is the default mesh; (2, 2) runs in test_multiprocess
+    for data, fsdp in [(1, 8)]:  # (8, 1) is the default mesh; test_multiprocess runs (1, 4)
         state, _, hist = run_steps(config, mesh_of(data, fsdp), 3)
         np.testing.assert_allclose(
             [h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5
