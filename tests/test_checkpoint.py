@@ -6,8 +6,6 @@ Every train.py run shares the session's compilation cache (conftest), so only th
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,6 @@ from flax import nnx
 from configs.default import get_config
 from jepa_jax import checkpoint, data, models, sharding, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY, KEEP = 6, 2, 2
 
 
@@ -28,22 +25,6 @@ def tiny_config(**mesh):
     config.log_every = 1
     config.mesh.update(mesh)
     return config
-
-
-def start_train(workdir, env, stdout=subprocess.PIPE) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--config=configs/default.py:tiny",
-        f"--workdir={workdir}",
-        f"--config.total_steps={STEPS}",
-        f"--config.checkpoint_every={EVERY}",
-        f"--config.keep_checkpoints={KEEP}",
-        "--config.log_every=1",
-    ]
-    # stderr to a file: a pipe nobody reads could fill up and block the run.
-    with open(os.path.join(workdir, "stderr.txt"), "a") as stderr:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
 
 
 def read_metrics(workdir):
@@ -74,11 +55,6 @@ def copy_checkpoint(reference, workdir, step=STEPS):
 
 def listing(path):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
-
-
-@pytest.fixture(scope="module")
-def env():
-    return dict(os.environ)  # with conftest's shared compilation cache
 
 
 @pytest.fixture(scope="module")

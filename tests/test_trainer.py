@@ -10,8 +10,6 @@ from PIL import Image
 from configs.default import get_config
 from jepa_jax import data, masks, sharding, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

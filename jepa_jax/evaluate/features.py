@@ -25,7 +25,7 @@ from jepa_jax.evaluate import datasets
 from jepa_jax.models import vit
 
 FEATURES = ("avgpool", "last4")
-ENCODERS = ("target", "context")
+ENCODERS = tuple(checkpoint.ENCODERS)  # "target", "context": what a workdir holds
 
 
 @dataclasses.dataclass

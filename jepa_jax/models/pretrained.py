@@ -22,8 +22,6 @@ def load_encoder(
     `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
     Only that encoder's parameters are read, onto the first local device.
     """
-    if which not in checkpoint.ENCODERS:
-        raise ValueError(f"which={which!r}: choose one of {list(checkpoint.ENCODERS)}")
     step_dir, config = checkpoint.read_config(path)
     m = ml_collections.ConfigDict(config.model.to_dict())
     m.residual_dtype = "float32"  # float32 features whatever the run trained with
