@@ -82,12 +82,27 @@ class Pace:
         return step - s0, now - t0
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: where torch is installed,
+    tensorboardX imports it (1.3 s at every start, measured) only to accept torch tensors, and
+    this writer is only given floats, text and numpy arrays."""
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which it handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoard:
     """Event files in `logdir` (tensorboardX); a resumed run hides the old rows past its start."""
 
     def __init__(self, logdir: str, first_step: int, say):
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _summary_writer_class()
         except ImportError:
             say("TensorBoard: tensorboardX is not installed (pip install tensorboardX); skipped")
             self.writer = None

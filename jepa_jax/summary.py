@@ -55,7 +55,6 @@ def tensorboard_command(workdir: str) -> str:
 
 def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> list[str]:
     """The startup summary: devices and mesh, batch, data, parameters, attention, outputs."""
-    devices = jax.devices()
     procs = jax.process_count()
     mesh_shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
     per_device = config.batch_size // mesh.size
@@ -67,7 +66,7 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
     saves = f"every {every} steps and at the end" if every else "at the end"
     ckpt_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
     return [
-        f"Devices: {len(devices)} x {devices[0].device_kind} ({procs} process"
+        f"Devices: {mesh.size} x {mesh.devices.flat[0].device_kind} ({procs} process"
         f"{'es' if procs > 1 else ''}), mesh {mesh_shape}; batch {config.batch_size} global, "
         f"{per_device} per device",
         f"Data: {source}, {num_images:,} images, {config.model.image_size} px crops",

@@ -151,14 +151,15 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
+def train_and_evaluate(config, workdir: str, devices=None) -> TrainState:
     """Pretrain for config.total_steps, resuming from WORKDIR/checkpoints if there is one.
 
     Metrics every config.log_every steps; checkpoints every config.checkpoint_every steps, at the
-    end, and on SIGTERM/SIGINT (finish the step, save, return). Returns the state.
+    end, and on SIGTERM/SIGINT (finish the step, save, return). `devices`: the mesh's devices
+    (default: all of them). Returns the state.
     """
     validate(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     if config.batch_size % mesh.size:
         raise ValueError(
             f"config.batch_size={config.batch_size} does not divide over {mesh.size} devices; "

@@ -89,7 +89,7 @@ def test_absurd_learning_rate_stops_without_saving(tmp_path):
     config.total_steps, config.log_every, config.checkpoint_every = 12, 2, 1
     config.max_nonfinite_steps = 2
     with pytest.raises(NonFiniteError) as e:
-        trainer.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     message = str(e.value)
     assert "not finite for 2 steps in a row, up to step 3" in message, message
     assert f"last checkpoint ({tmp_path / 'checkpoints' / '2'}) is kept" in message, message

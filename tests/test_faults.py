@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -18,6 +19,7 @@ from configs.default import get_config
 from jepa_jax import checkpoint, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# test_checkpoint's reference run has the same schedule: one compiled step serves both files.
 STEPS, EVERY = 8, 2
 FLAGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}"]
 FLAGS += ["--config.log_every=1", "--config.keep_checkpoints=2"]
@@ -30,11 +32,11 @@ def _config():
     return config
 
 
-def _start(workdir):
+def _start(workdir, env):
     cmd = [sys.executable, "train.py", "--config=configs/default.py:tiny", f"--workdir={workdir}"]
     with open(os.path.join(workdir, "stderr.txt"), "a") as err:
         return subprocess.Popen(
-            cmd + FLAGS, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1
+            cmd + FLAGS, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1
         )
 
 
@@ -49,18 +51,18 @@ def _read_state(workdir):
     return checkpoint.Checkpointer(workdir, config).restore(target, {})[0]
 
 
-def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
+def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, one_device_env):
     rng = np.random.default_rng()
     reference = tmp_path / "reference"
     reference.mkdir()
-    uninterrupted = _start(reference)  # runs beside the first killed runs
+    uninterrupted = _start(reference, one_device_env)  # runs beside the first killed runs
 
     run = tmp_path / "killed"
     run.mkdir()
     kills = during_save = 0
     termed = False
     for _ in range(30):
-        proc = _start(run)
+        proc = _start(run, one_device_env)
         # Kill after a random number of logged steps, or as soon as a save is in flight.
         wait_steps, aim_at_save = int(rng.integers(1, 4)), kills % 2 == 1
         seen = 0
@@ -94,9 +96,6 @@ def test_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
     assert kills >= 5 and during_save >= 1 and termed, (kills, during_save, termed)
     uninterrupted.stdout.read()
     assert uninterrupted.wait(timeout=300) == 0, (reference / "stderr.txt").read_text()[-2000:]
-
-    import jax
-
     jax.tree.map(
         lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
         _read_state(str(run)),
@@ -118,10 +117,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save)
     config = _config()
-    config.total_steps = 2 * EVERY
-    config.optim.warmup_steps = 0
     with pytest.raises(RuntimeError) as e:
-        trainer.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     message = str(e.value)
     assert f"cannot write the checkpoint of step {2 * EVERY}" in message
     assert "No space left on device" in message

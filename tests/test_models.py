@@ -116,14 +116,18 @@ def tiny():
     )
 
 
+# Modules called through one jit: called eagerly, their layer loop compiles anew on every call.
+call = nnx.jit(lambda module, *args: module(*args))
+
+
 def test_shapes_and_positions_are_not_params(tiny):
     images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-    assert tiny.encoder(images).shape == (2, 16, 192)
+    assert call(tiny.encoder, images).shape == (2, 16, 192)
     ctx_idx = jnp.array([[0, 3, 5, 9], [1, 2, 14, 15]])
-    ctx = tiny.encoder(images, ctx_idx)
+    ctx = call(tiny.encoder, images, ctx_idx)
     assert ctx.shape == (2, 4, 192)
     target_idx = jnp.zeros((2, 4, 3), jnp.int32).at[:, :, :2].set(jnp.array([6, 7]))
-    out = tiny.predictor(ctx, ctx_idx, target_idx, jnp.full((2, 4), 2))
+    out = call(tiny.predictor, ctx, ctx_idx, target_idx, jnp.full((2, 4), 2))
     assert out.shape == (2, 4, 3, 192)
     state = nnx.to_pure_dict(nnx.state(tiny.encoder, nnx.Param))
     names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
@@ -135,14 +139,14 @@ def test_predictor_ignores_padding(tiny):
     rng = np.random.default_rng()
     images = jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32)
     ctx_idx = jnp.asarray(np.sort(rng.permutation(16)[:5]).reshape(1, 5).repeat(2, 0))
-    ctx = tiny.encoder(images, ctx_idx)
+    ctx = call(tiny.encoder, images, ctx_idx)
     lengths = jnp.array([[2, 3, 1, 3], [3, 3, 3, 2]])
     base = jnp.asarray(rng.integers(0, 16, (2, 4, 3)))
     other = jnp.asarray(rng.integers(0, 16, (2, 4, 3)))
     real = jnp.arange(3) < lengths[..., None]
     swapped = jnp.where(real, base, other)
-    a = tiny.predictor(ctx, ctx_idx, base, lengths)
-    b = tiny.predictor(ctx, ctx_idx, swapped, lengths)
+    a = call(tiny.predictor, ctx, ctx_idx, base, lengths)
+    b = call(tiny.predictor, ctx, ctx_idx, swapped, lengths)
     np.testing.assert_allclose(a * real[..., None], b * real[..., None], rtol=1e-5, atol=1e-5)
 
 
@@ -161,7 +165,9 @@ def test_attention_choice_never_changes_params():
     ):
         np.testing.assert_array_equal(x, y)  # the target starts as an exact copy
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    np.testing.assert_allclose(a.encoder(images), b.encoder(images), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        call(a.encoder, images), call(b.encoder, images), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_bad_model_name_names_the_choices():
@@ -203,6 +209,12 @@ def test_patch_embed_starts_as_the_release_conv():
     assert not np.asarray(m.encoder.patch_embed.bias[...]).any()
 
 
+@nnx.jit
+def _full_and_predicted(encoder, predictor, images, ctx_idx, target_idx, target_len):
+    full = encoder(images)
+    return full, predictor(encoder(images, ctx_idx), ctx_idx, target_idx, target_len)
+
+
 def _forward_error(residual_dtype: str, seed: int) -> tuple[float, float, jnp.dtype]:
     """Relative error of the bf16 encoder and predictor outputs against float32 (same params)."""
     rng = np.random.default_rng(seed)
@@ -216,13 +228,9 @@ def _forward_error(residual_dtype: str, seed: int) -> tuple[float, float, jnp.dt
     target_idx = jnp.asarray(rng.integers(0, 16, (4, 4, 3)), jnp.int32)
     target_len = jnp.full((4, 4), 3)
 
-    def run(encoder, predictor):
-        full = encoder(images)
-        pred = predictor(encoder(images, ctx_idx), ctx_idx, target_idx, target_len)
-        return full, pred
-
-    full_ref, pred_ref = run(ref.encoder, ref.predictor)
-    full, pred = run(low.encoder, low.predictor)
+    batch = (images, ctx_idx, target_idx, target_len)
+    full_ref, pred_ref = _full_and_predicted(ref.encoder, ref.predictor, *batch)
+    full, pred = _full_and_predicted(low.encoder, low.predictor, *batch)
 
     def rel(a, b):
         err = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))

@@ -60,22 +60,17 @@ COMMANDS = [c for b in TESTED if b["lang"] == "bash" for c in commands(b)]
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
+def ran(tmp_path_factory, one_device_env):
     """Every tested command, started together in a scratch directory holding train.py and
     configs/ (as a fresh clone does); their results in README order."""
     where = tmp_path_factory.mktemp("readme")
     for name in ("train.py", "configs"):
         os.symlink(os.path.join(REPO, name), where / name)
-    env = dict(os.environ)
-    # One CPU device, as a user's laptop has (the test session asks for 8 virtual ones).
-    env["XLA_FLAGS"] = re.sub(
-        r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
-    )
     procs = [
         subprocess.Popen(
             [sys.executable, *shlex.split(cmd)[1:]],
             cwd=where,
-            env=env,
+            env=one_device_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -115,22 +117,57 @@ def build(
     seed: int,
 ) -> IJEPA:
     """The three networks, every attention layer calling `attention`'s implementation."""
-    rngs = nnx.Rngs(seed)
-    common = dict(
-        attn_fn=attention.fn,
-        dtype=jnp.dtype(dtype),
-        residual_dtype=jnp.dtype(residual_dtype),
-        remat=remat,
-        scan=scan_layers,
-        rngs=rngs,
+    shape = _Networks(
+        size,
+        patch_size,
+        image_size,
+        pred_depth,
+        pred_dim,
+        attention.fn,
+        jnp.dtype(dtype),
+        jnp.dtype(residual_dtype),
+        remat,
+        scan_layers,
     )
-    encoder = VisionTransformer(size, patch_size=patch_size, image_size=image_size, **common)
+    encoder, predictor = _init(jax.random.key(seed), shape)
+    return IJEPA(encoder, nnx.clone(encoder), predictor, attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Networks:
+    """Everything but the seed that fixes the networks: the static argument of `_init`."""
+
+    size: ViTSize
+    patch_size: int
+    image_size: int
+    pred_depth: int
+    pred_dim: int
+    attn_fn: attention_lib.AttentionFn
+    dtype: jnp.dtype
+    residual_dtype: jnp.dtype
+    remat: bool
+    scan: bool
+
+
+# Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
+# each init op compiled and ran alone: ViT-Ti on a CPU took 4.6 s).
+@functools.partial(nnx.jit, static_argnums=1)
+def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
+    common = dict(
+        attn_fn=n.attn_fn,
+        dtype=n.dtype,
+        residual_dtype=n.residual_dtype,
+        remat=n.remat,
+        scan=n.scan,
+        rngs=nnx.Rngs(key),
+    )
+    encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)
     predictor = Predictor(
-        embed_dim=size.width,
-        pred_dim=pred_dim,
-        depth=pred_depth,
-        heads=size.heads,
+        embed_dim=n.size.width,
+        pred_dim=n.pred_dim,
+        depth=n.pred_depth,
+        heads=n.size.heads,
         grid=encoder.grid,
         **common,
     )
-    return IJEPA(encoder, nnx.clone(encoder), predictor, attention)
+    return encoder, predictor
