@@ -1,13 +1,14 @@
 """Startup validation of a whole config, once: one clear message per bad field, before anything
-runs. Each rule lives here, except the mask fields', which `masks.mask_spec` owns and this calls.
-Modules downstream trust a validated config."""
+runs. Each rule lives here, except the mask fields' and the patch grid's, which `masks.mask_spec`
+and `models.vit.patch_grid` own and this calls. Modules downstream trust a validated config."""
 
 from __future__ import annotations
 
 from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.data import ON_BAD_IMAGE, SOURCES
-from jepa_jax.models.vit import SIZES
+from jepa_jax.evaluate.features import FEATURES
+from jepa_jax.models.vit import SIZES, patch_grid
 from jepa_jax.totals import ON_NAN
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -30,13 +31,7 @@ def validate(config) -> None:
     )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
-    _require(m.patch_size > 0, "model.patch_size", m.patch_size, "must be a positive integer")
-    _require(
-        m.image_size > 0 and m.image_size % m.patch_size == 0,
-        "model.image_size",
-        m.image_size,
-        f"must be a positive multiple of model.patch_size={m.patch_size}",
-    )
+    patch_grid(m.image_size, m.patch_size)
     _require(m.pred_depth >= 1, "model.pred_depth", m.pred_depth, "must be >= 1")
     heads = SIZES[m.variant].heads
     _require(
@@ -75,4 +70,9 @@ def validate(config) -> None:
     for field in ("crop_scale", "crop_ratio"):
         lo, hi = d[field]
         _require(0 < lo <= hi, f"data.{field}", d[field], "a pair (lo, hi) with 0 < lo <= hi")
+    e = config.get("eval")  # absent in configs saved before periodic evaluation
+    if e is not None:
+        _require(e.every >= 0, "eval.every", e.every, "steps between evaluations, >= 0 (0: off)")
+        _require(e.features in FEATURES, "eval.features", e.features, f"choose one of {FEATURES}")
+        _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     masks.mask_spec(config)  # the mask fields' own checks

@@ -44,19 +44,26 @@ class RunTotals:
         values = {k: (saved or {}).get(k, 0) for k in SAVED}
         values.update(streak=0, stop_step=-1, what=0)
         self._values = {k: jnp.asarray(v, jnp.int32) for k, v in values.items()}
+        self._on_host = None  # the values fetched since the last add: one sync per step at most
 
     def add(self, metrics: dict, step: int) -> None:
         """Count one step's metrics (`step`: the number of steps done after it); no host sync."""
         self._values = _add(self._values, metrics, jnp.int32(step), self.limit)
+        self._on_host = None
+
+    def _host(self) -> dict:
+        if self._on_host is None:
+            self._on_host = jax.device_get(self._values)
+        return self._on_host
 
     def read(self) -> dict[str, int]:
         """The saved totals, on the host (a sync: call it when logging or saving)."""
-        values = jax.device_get(self._values)
+        values = self._host()
         return {k: int(values[k]) for k in SAVED}
 
     def check(self, last_checkpoint: str | None) -> None:
         """Raise NonFiniteError if config.on_nan=stop and a non-finite streak reached the limit."""
-        values = jax.device_get(self._values)
+        values = self._host()
         stop_step = int(values["stop_step"])
         if self.on_nan != "stop" or stop_step < 0:
             return

@@ -35,6 +35,9 @@ def test_presets_are_valid(preset):
         ("data.num_workers", -1),
         ("data.crop_scale", (0.5, 0.3)),
         ("mask.num_targets", 0),
+        ("eval.every", -1),
+        ("eval.features", "cls"),
+        ("eval.batch_size", 0),
     ],
 )
 def test_bad_value_names_its_field(field, value):

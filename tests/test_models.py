@@ -173,7 +173,7 @@ def test_attention_choice_never_changes_params():
 def test_bad_model_name_names_the_choices():
     with pytest.raises(ValueError, match="unknown model 'vit_x16'.*vit_b16"):
         models.create("vit_x16")
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+    with pytest.raises(ValueError, match="not a positive multiple of config.model.patch_size"):
         models.create("vit_t16", image_size=50)
 
 

@@ -28,18 +28,9 @@ def periodic(config, mesh: jax.sharding.Mesh | None = None) -> Evaluator | None:
     Reads the config and lists the data now, so a bad path stops the run before it trains.
     The params may be sharded any way (the training state's target encoder is).
     """
-    e = config.get("eval")
+    e = config.get("eval")  # validated with the rest (configuration.validate)
     if e is None or not e.every:
         return None
-    if e.every < 0:
-        raise ValueError(f"config.eval.every={e.every} is invalid: steps between evaluations, >= 0")
-    if e.features not in features.FEATURES:
-        raise ValueError(
-            f"config.eval.features={e.features!r} is invalid: choose one of "
-            f"{', '.join(features.FEATURES)}"
-        )
-    if e.batch_size < 1:
-        raise ValueError(f"config.eval.batch_size={e.batch_size} is invalid: must be >= 1")
     train_set, val_set = datasets.open_pair(
         e.train_data, e.val_data, flags=("config.eval.train_data", "config.eval.val_data")
     )

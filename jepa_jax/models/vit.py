@@ -184,6 +184,16 @@ class BlockStack(nnx.Module):
         return jax.lax.scan(step, x, stacked, unroll=1 if self.scan else self.depth)[0]
 
 
+def patch_grid(image_size: int, patch_size: int) -> tuple[int, int]:
+    """The square grid of patches; one ValueError unless the image is a whole number of them."""
+    if patch_size < 1 or image_size < 1 or image_size % patch_size:
+        raise ValueError(
+            f"config.model.image_size={image_size} is not a positive multiple of "
+            f"config.model.patch_size={patch_size}"
+        )
+    return (image_size // patch_size,) * 2
+
+
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     """[B, H, W, C] -> [B, H/p * W/p, p*p*C]: patches in row-major grid order, each flattened
     as (row, column, channel), the order of a conv kernel [p, p, C, D] reshaped to [p*p*C, D]."""
@@ -209,12 +219,8 @@ class VisionTransformer(nnx.Module):
         scan: bool = False,
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size {image_size} is not a multiple of patch_size {patch_size}"
-            )
         self.size = size
-        self.grid = (image_size // patch_size,) * 2
+        self.grid = patch_grid(image_size, patch_size)
         self.dtype = dtype
         self.residual_dtype = residual_dtype
         self.patch_size = patch_size
