@@ -412,8 +412,8 @@ def test_training_resumes_from_a_converted_workdir(release, tmp_path):
     kernel = state.params["encoder"]["blocks"]["layers"]["attn"]["qkv"]["kernel"]
     expected = release.encoder.blocks[3].attn.qkv.weight.detach().numpy().T
     np.testing.assert_array_equal(np.asarray(kernel[3]), expected)
-    adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=convert._is_adam)]
-    assert int(next(x for x in adam if convert._is_adam(x)).count) == 1
+    adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=convert.write_workdir.is_adam)]
+    assert int(next(x for x in adam if convert.write_workdir.is_adam(x)).count) == 1
 
     with pytest.raises(ValueError, match=r"config.model.image_size=96 but the checkpoint has 128"):
         checkpoint.Checkpointer(release.workdir, get_config("tiny")).close()
@@ -504,7 +504,7 @@ def test_an_interrupted_write_leaves_nothing(release, tmp_path, monkeypatch):
         os.makedirs(os.path.join(workdir, "checkpoints", "0"))
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert, "_save_workdir", fail)
+    monkeypatch.setattr(convert.write_workdir, "_save_workdir", fail)
     with pytest.raises(OSError, match="disk full"):
         convert.to_workdir(release.path, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
@@ -526,7 +526,9 @@ def test_command_line(release, tmp_path, capsys, monkeypatch):
     assert "config: preset tiny with the checkpoint's model fields" in printed
     _, state, _ = convert.read_workdir(out)
     adam = next(
-        x for x in jax.tree.leaves(state.opt_state, is_leaf=convert._is_adam) if convert._is_adam(x)
+        x
+        for x in jax.tree.leaves(state.opt_state, is_leaf=convert.write_workdir.is_adam)
+        if convert.write_workdir.is_adam(x)
     )
     assert int(adam.count) == 0 and not any(np.any(x) for x in jax.tree.leaves(adam.mu))
 
