@@ -54,9 +54,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # faithful option (README: Precision).
     c.model.dtype = "bfloat16"  # bfloat16 | float16 | float32
     c.model.residual_dtype = "float32"  # float32 (the release) | bfloat16 | float16
-    # The transformer blocks' matmuls in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales;
-    # FP8 tensor cores on Hopper and newer): faster, less faithful. README: Precision.
-    c.model.fp8 = False
     c.model.remat = False  # recompute block activations in the backward pass to save memory
     # Run the blocks as one scanned loop: compiles ~2.5x faster, but steps run 1.3-1.45x slower
     # on an H100 (BENCHMARKS.md). Off: the layers are unrolled.

@@ -32,7 +32,6 @@ def validate(config) -> None:
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
     patch_grid(m.image_size, m.patch_size)
-    _require(m.get("fp8", False) in (True, False), "model.fp8", m.get("fp8"), "True or False")
     _require(m.pred_depth >= 1, "model.pred_depth", m.pred_depth, "must be >= 1")
     heads = SIZES[m.variant].heads
     _require(

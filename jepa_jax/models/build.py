@@ -11,7 +11,6 @@ from flax import nnx
 
 from jepa_jax import attention as attention_lib
 from jepa_jax import presets
-from jepa_jax.models.fp8 import dot_general as fp8_dot_general
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
 
@@ -46,7 +45,6 @@ def create(
     residual_dtype: str = "float32",
     remat: bool = False,
     scan_layers: bool = False,
-    fp8: bool = False,
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
@@ -68,7 +66,6 @@ def create(
         residual_dtype=residual_dtype,
         remat=remat,
         scan_layers=scan_layers,
-        fp8=fp8,
         seed=seed,
     )
 
@@ -95,7 +92,6 @@ def from_config(
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
         remat=model_config.remat,
         scan_layers=model_config.scan_layers,
-        fp8=model_config.get("fp8", False),  # absent in older configs
         seed=seed,
     )
 
@@ -118,7 +114,6 @@ def build(
     residual_dtype: str,
     remat: bool,
     scan_layers: bool,
-    fp8: bool = False,
     seed: int,
 ) -> IJEPA:
     """The three networks, every attention layer calling `attention`'s implementation."""
@@ -133,7 +128,6 @@ def build(
         jnp.dtype(residual_dtype),
         remat,
         scan_layers,
-        fp8,
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
     return IJEPA(encoder, nnx.clone(encoder), predictor, attention)
@@ -153,7 +147,6 @@ class _Networks:
     residual_dtype: jnp.dtype
     remat: bool
     scan: bool
-    fp8: bool  # the blocks' matmuls in FP8 (models.fp8)
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -166,7 +159,6 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         residual_dtype=n.residual_dtype,
         remat=n.remat,
         scan=n.scan,
-        dot_general=fp8_dot_general if n.fp8 else jax.lax.dot_general,  # the blocks' matmuls
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)

@@ -60,10 +60,8 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
 
 
-def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs, dot_general=jax.lax.dot_general):
-    return nnx.Linear(
-        din, dout, kernel_init=dense_init, dtype=dtype, dot_general=dot_general, rngs=rngs
-    )
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, kernel_init=dense_init, dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -74,14 +72,11 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Attention(nnx.Module):
     """Multi-head self-attention; the math itself is delegated to the seam's `attn_fn`."""
 
-    def __init__(
-        self, dim: int, heads: int, attn_fn: AttentionFn, *, dtype, dot_general, rngs: nnx.Rngs
-    ):
+    def __init__(self, dim: int, heads: int, attn_fn: AttentionFn, *, dtype, rngs: nnx.Rngs):
         self.heads = heads
         self.attn_fn = attn_fn
-        # columns [q | k | v], heads contiguous
-        self.qkv = _linear(dim, 3 * dim, dtype, rngs, dot_general)
-        self.proj = _linear(dim, dim, dtype, rngs, dot_general)
+        self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
+        self.proj = _linear(dim, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         b, t, d = x.shape
@@ -121,27 +116,15 @@ gelu.defvjp(_gelu_forward, _gelu_backward)
 class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
-    Matmuls run in `dtype` through `dot_general` (FP8 with `models.fp8.dot_general`); the norms
-    and both residual adds in `residual_dtype`, as autocast.
+    Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
     """
 
-    def __init__(
-        self,
-        dim,
-        heads,
-        mlp_hidden,
-        attn_fn,
-        *,
-        dtype,
-        residual_dtype,
-        dot_general=jax.lax.dot_general,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, dim, heads, mlp_hidden, attn_fn, *, dtype, residual_dtype, rngs: nnx.Rngs):
         self.norm1 = _layer_norm(dim, residual_dtype, rngs)
-        self.attn = Attention(dim, heads, attn_fn, dtype=dtype, dot_general=dot_general, rngs=rngs)
+        self.attn = Attention(dim, heads, attn_fn, dtype=dtype, rngs=rngs)
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
-        self.fc1 = _linear(dim, mlp_hidden, dtype, rngs, dot_general)
-        self.fc2 = _linear(mlp_hidden, dim, dtype, rngs, dot_general)
+        self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
+        self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
@@ -169,7 +152,6 @@ class BlockStack(nnx.Module):
         residual_dtype,
         remat,
         scan,
-        dot_general=jax.lax.dot_general,
         rngs: nnx.Rngs,
     ):
         self.depth = depth
@@ -186,7 +168,6 @@ class BlockStack(nnx.Module):
                 attn_fn,
                 dtype=dtype,
                 residual_dtype=residual_dtype,
-                dot_general=dot_general,
                 rngs=rngs,
             )
 
@@ -236,7 +217,6 @@ class VisionTransformer(nnx.Module):
         residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
-        dot_general=jax.lax.dot_general,
         rngs: nnx.Rngs,
     ):
         self.size = size
@@ -258,7 +238,6 @@ class VisionTransformer(nnx.Module):
             residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
-            dot_general=dot_general,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)
