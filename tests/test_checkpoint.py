@@ -85,14 +85,13 @@ def test_restore_on_all_devices(reference, reference_state):
 @pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the CPU run provides 8 virtual ones)"
 )
-def test_resume_mid_run_on_other_mesh_attention_and_workers(tmp_path, reference, reference_state):
-    """Resume the checkpoint two steps before the end on a (2, 4) mesh with xla attention and 2
-    data workers and take the last 2 steps: the run ends where the uninterrupted one did, up to
-    rounding."""
+def test_resume_mid_run_on_other_mesh_and_attention(tmp_path, reference, reference_state):
+    """Resume the checkpoint two steps before the end on a (2, 4) mesh with xla attention and
+    take the last 2 steps: the run ends where the uninterrupted one did, up to rounding. (Other
+    worker counts resume exactly too: test_data's worker test.)"""
     copy_checkpoint(reference, tmp_path, step=STEPS - EVERY)
     config = tiny_config(data=2, fsdp=4)
     config.model.attention = "xla"  # saved under auto (reference on CPU): weights do not care
-    config.data.num_workers = 2  # batches are a function of the step, not of a saved position
     state = trainer.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == STEPS
     kernel = state.params["encoder"]["blocks"]["layers"]["fc1"]["kernel"]

@@ -99,7 +99,7 @@ def test_multiprocess_environment_detection():
 def test_fsdp8_trains_vit_b16_shaped_model(run_steps):
     """ViT-B width and depth (smaller images), fsdp=8: trains with no full replica anywhere."""
     config = get_config("vit_b16")
-    config.model.image_size, config.batch_size, config.data.num_workers = 96, 8, 0
+    config.model.image_size, config.batch_size, config.data.num_workers = 64, 8, 0
     config.mask.min_keep = 4
     config.mesh.data, config.mesh.fsdp = 1, 8
     config.model.scan_layers = True  # one compiled block: the sharding is what is tested

@@ -10,6 +10,8 @@ from PIL import Image
 from configs.default import get_config
 from jepa_jax import data, masks, sharding, trainer
 
+STEPS = 20
+
 
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -19,7 +21,7 @@ def read_metrics(workdir):
 def test_loss_decreases_on_tiny(tmp_path):
     """It learns; and k-NN evaluation during training is logged with the metrics."""
     config = get_config("tiny")
-    config.log_every = 1  # the preset's 30 steps and schedule: the quick start's compiled step
+    config.total_steps, config.log_every = STEPS, 1
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):
@@ -28,24 +30,25 @@ def test_loss_decreases_on_tiny(tmp_path):
                 noise = rng.integers(-30, 30, (32, 32, 3))
                 pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(tmp_path / "labelled" / split / str(c) / f"{i}.png")
-    config.eval.every, config.eval.batch_size = 15, 8
+    config.eval.every, config.eval.batch_size = STEPS // 2, 8
     config.eval.train_data = str(tmp_path / "labelled" / "train")
     config.eval.val_data = str(tmp_path / "labelled" / "val")
     state = trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
-    assert int(state.step) == 30
+    assert int(state.step) == STEPS
     rows = read_metrics(tmp_path / "run")
     losses = [m["loss"] for m in rows]
-    assert len(losses) == 30
+    assert len(losses) == STEPS
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
     row = rows[-1]
     assert set(row) >= {"step", "loss", "lr", "wd", "momentum", "grad_norm", "img_per_s"}
     evaluated = [m["step"] for m in rows if "knn_top1" in m]
-    assert evaluated == [15, 30] and 0 <= rows[-1]["knn_top1"] <= 100
+    assert evaluated == [STEPS // 2, STEPS] and 0 <= rows[-1]["knn_top1"] <= 100
 
 
 def test_step_compiles_once_over_varying_masks(run_steps):
     config = get_config("tiny")
+    config.total_steps = STEPS  # the learning test's schedule: one compiled step for both
     spec = masks.mask_spec(config)
     draws = [masks.sample_masks(spec, 8, masks.mask_rng(config.seed, s)) for s in range(6)]
     sizes = {tuple(d["target_len"][0]) for d in draws}
