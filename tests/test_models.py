@@ -134,6 +134,23 @@ def test_shapes_and_positions_are_not_params(tiny):
     assert "pos_embed" not in names and names <= {"kernel", "bias", "scale"}
 
 
+def test_eager_encoder_call_compiles_once_per_shape(tiny):
+    """A loaded encoder called outside jit runs as one program compiled per input shape (op by op,
+    its layer loop compiled again on every call), and computes what the jitted call does."""
+    from jepa_jax.models import vit
+
+    compiled = vit._compiled_forward.jitted_fn
+    rng = np.random.default_rng()
+    images = [jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32) for _ in range(3)]
+    before = compiled._cache_size()
+    first = tiny.encoder(images[0])
+    assert compiled._cache_size() == before + 1
+    tiny.encoder(images[1])
+    assert compiled._cache_size() == before + 1  # same shape: no new program
+    np.testing.assert_allclose(tiny.encoder(images[2]), call(tiny.encoder, images[2]), rtol=1e-6)
+    assert first.shape == (2, 16, 192)
+
+
 def test_predictor_ignores_padding(tiny):
     """Whatever sits in padded target slots, the real targets' predictions do not change."""
     rng = np.random.default_rng()

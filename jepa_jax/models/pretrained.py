@@ -20,9 +20,8 @@ def load_encoder(
     keep the run's compute dtype). Images of another size raise one ValueError saying the size.
 
     `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
-    Only that encoder's parameters are read, onto the first local device. Call the encoder
-    through `nnx.jit(lambda encoder, x: encoder(x))(encoder, x)`: called directly, it compiles
-    its layer loop again on every call.
+    Only that encoder's parameters are read, onto the first local device. A call compiles once
+    per input shape.
     """
     step_dir, config = checkpoint.read_config(path)
     m = ml_collections.ConfigDict(config.model.to_dict())
