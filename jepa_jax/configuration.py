@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
-from jepa_jax.data import ON_BAD_IMAGE, SOURCES
 from jepa_jax.evaluate.features import FEATURES
 from jepa_jax.models.vit import SIZES, patch_grid
+from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
 
 DTYPES = ("bfloat16", "float16", "float32")

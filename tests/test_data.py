@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from configs.default import get_config
-from jepa_jax import data, images, masks
+from jepa_jax import data, images, masks, sources
 
 
 def _config(**data_fields):
@@ -64,11 +64,11 @@ def test_builtin_batches_have_shape_dtype_and_structure():
 
 
 def test_builtin_source_is_a_pure_function_of_the_index():
-    source = data.BuiltinSource(10)
+    source = sources.BuiltinSource(10)
     assert len(source) == 10
     first = source[3]
     assert first.shape == (256, 256, 3) and first.dtype == np.uint8
-    np.testing.assert_array_equal(first, data.BuiltinSource(10)[3])
+    np.testing.assert_array_equal(first, sources.BuiltinSource(10)[3])
     assert not np.array_equal(first, source[4])
     with pytest.raises(IndexError):
         source[10]
@@ -108,7 +108,7 @@ def test_folder_source_layouts(tmp_path, layout):
         Image.fromarray(pixels).save(folder / f"{i}_{names[i % len(names)]}")
     (tmp_path / "notes.txt").write_text("not an image")
 
-    source = data.FolderSource(str(tmp_path))
+    source = sources.FolderSource(str(tmp_path))
     assert len(source) == 12
     paths = [source.path(i) for i in range(len(source))]
     assert paths == sorted(paths)  # sorted walk: a deterministic order
@@ -121,7 +121,7 @@ def test_folder_source_layouts(tmp_path, layout):
 def test_folder_source_converts_to_rgb(tmp_path):
     Image.new("L", (10, 12), 200).save(tmp_path / "gray.png")
     Image.new("RGBA", (10, 12), (1, 2, 3, 4)).save(tmp_path / "rgba.png")
-    source = data.FolderSource(str(tmp_path))
+    source = sources.FolderSource(str(tmp_path))
     assert [source[i].shape for i in range(2)] == [(12, 10, 3), (12, 10, 3)]
 
 
@@ -385,8 +385,8 @@ class _EveryThirdBad:
 
 
 def test_substitute_wrapper_wraps_pickles_and_bounds_its_log(monkeypatch, caplog):
-    monkeypatch.setattr(data, "MAX_NAMED_BAD_IMAGES", 2)
-    wrapper = pickle.loads(pickle.dumps(data.SubstituteBadImages(_EveryThirdBad())))
+    monkeypatch.setattr(sources, "MAX_NAMED_BAD_IMAGES", 2)
+    wrapper = pickle.loads(pickle.dumps(sources.SubstituteBadImages(_EveryThirdBad())))
     with caplog.at_level(logging.WARNING, logger="jepa_jax.data"):
         got = [wrapper[i] for i in list(range(10)) * 2]
     assert [int(e["image"][0, 0, 0]) for e in got[:10]] == [1, 1, 2, 4, 4, 5, 7, 7, 8, 1]
@@ -400,7 +400,7 @@ def test_substitute_wrapper_wraps_pickles_and_bounds_its_log(monkeypatch, caplog
             raise images.BadImageError(f"file{index}", "broken")
 
     with pytest.raises(ValueError, match="none of the 10 images"):
-        data.SubstituteBadImages(AllBad())[0]
+        sources.SubstituteBadImages(AllBad())[0]
 
 
 def _save_exif_rotated(path):
@@ -542,7 +542,7 @@ def test_one_process_batches_are_those_of_the_per_process_pipeline_before():
         scale=tuple(config.data.crop_scale),
         ratio=tuple(config.data.crop_ratio),
     )
-    source = data._make_source(config)
+    source = sources.open_source(config)
     old = grain.MapDataset.source(source)[0::1].shuffle(seed=shuffle_seed).repeat()
     old = old.random_map(crop, seed=crop_seed).batch(config.batch_size, drop_remainder=True)
     for k, batch in enumerate(itertools.islice(data.create_iterator(config), 3)):
