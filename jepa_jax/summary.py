@@ -59,7 +59,8 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
     mesh_shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
     per_device = config.batch_size // mesh.size
     d = config.data
-    source = f"folder {d.path}" if d.source == "folder" else "built-in procedural images"
+    built_in = {"builtin": "built-in procedural images", "digits": "built-in MNIST digits (train)"}
+    source = f"folder {d.path}" if d.source == "folder" else built_in[d.source]
     encoder = count_params(state.params["encoder"])
     predictor = count_params(state.params["predictor"])
     every = config.checkpoint_every

@@ -70,7 +70,7 @@ def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Sche
 def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformation]:
     """Resolve attention, then create the state directly sharded over the mesh."""
     m = config.model
-    choice = models.resolve_attention(models.SIZES[m.variant], m.pred_dim, m.attention, m.dtype)
+    choice = models.resolve_attention(models.encoder_size(m), m.pred_dim, m.attention, m.dtype)
 
     def create_networks():
         ijepa = models.from_config(m, seed=config.seed, attention=choice)

@@ -159,7 +159,7 @@ def test_incompatible_config_names_the_fields(tmp_path, reference):
     copy_checkpoint(reference, tmp_path)
     before = listing(tmp_path)
     config = tiny_config()
-    config.model.variant, config.model.pred_depth = "small", 3
+    config.model.variant, config.model.pred_depth, config.model.depth = "small", 3, 6
     config.data.num_workers = 2  # compatible: batches depend on the step alone
     config.model.attention, config.model.dtype = "xla", "float32"  # compatible: not named
     with pytest.raises(ValueError) as e:
@@ -167,9 +167,20 @@ def test_incompatible_config_names_the_fields(tmp_path, reference):
     message = str(e.value)
     assert "config.model.variant='small' but the checkpoint has 'tiny'" in message
     assert "config.model.pred_depth=3 but the checkpoint has 2" in message
+    assert "config.model.depth=6 but the checkpoint has -1" in message
     assert "num_workers" not in message
     assert "attention" not in message and "dtype" not in message
     assert listing(tmp_path) == before
+
+
+def test_configs_saved_before_depth_existed_resume_with_the_variants_depth():
+    saved = tiny_config().to_dict()
+    del saved["model"]["depth"]
+    checkpoint.check_compatible(saved, tiny_config(), "ckpt")  # depth -1: the variant's
+    deeper = tiny_config()
+    deeper.model.depth = 4
+    with pytest.raises(ValueError, match="config.model.depth=4 but the checkpoint has -1"):
+        checkpoint.check_compatible(saved, deeper, "ckpt")
 
 
 def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path, reference):

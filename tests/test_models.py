@@ -278,3 +278,20 @@ def test_residual_stream_is_float32_by_default():
     assert m.encoder.residual_dtype == jnp.float32 and m.encoder.dtype == jnp.bfloat16
     out = jax.eval_shape(m.encoder, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     assert out.dtype == jnp.float32
+
+
+def test_config_depth_sets_the_encoder_blocks():
+    """config.model.depth cuts (or deepens) the variant's encoder; -1 keeps its own 12 blocks."""
+    from configs.default import get_config
+    from jepa_jax import flops, masks
+
+    config = get_config("digits")
+    ijepa = models.from_config(config.model)
+    assert ijepa.encoder.blocks.depth == ijepa.target_encoder.blocks.depth == 4
+    assert ijepa.predictor.blocks.depth == config.model.pred_depth
+    shallow = flops.step_flops_by_part(config, masks.mask_spec(config))
+    config.model.depth = -1
+    assert models.encoder_size(config.model) == SIZES["tiny"]
+    full = flops.step_flops_by_part(config, masks.mask_spec(config))
+    assert full["predictor"] == shallow["predictor"]
+    assert 2.5 < full["context"] / shallow["context"] < 3  # 12 blocks vs 4; the embed is shared

@@ -24,7 +24,7 @@ from jepa_jax.convert.layout import (
     positions,
     release_shape,
 )
-from jepa_jax.models.vit import SIZES
+from jepa_jax.models.vit import SIZES, encoder_size
 
 
 def load_release(path: str) -> dict:
@@ -97,14 +97,12 @@ def infer_model(encoder: dict, predictor: dict) -> dict:
     pred_dim = predictor["predictor_embed.weight"].shape[0]
     depth, pred_depth = _depth(encoder, "blocks"), _depth(predictor, "predictor_blocks")
     grid = math.isqrt(num_patches)
-    found = f"width {width}, {depth} blocks, MLP {hidden}"
-    size = next(
-        (n for n, s in SIZES.items() if (s.width, s.depth, s.mlp_hidden) == (width, depth, hidden)),
-        None,
-    )
-    known = "; ".join(f"{n} {s.width}/{s.depth}/{s.mlp_hidden}" for n, s in SIZES.items())
-    if size is None:
-        raise ConvertError(f"the encoder ({found}) matches no model size here ({known})")
+    found = f"width {width}, MLP {hidden}, {depth} blocks"
+    # A size is its width and MLP; any depth is config.model.depth (-1: the size's own).
+    size = next((n for n, s in SIZES.items() if (s.width, s.mlp_hidden) == (width, hidden)), None)
+    known = "; ".join(f"{n} {s.width}/{s.mlp_hidden}" for n, s in SIZES.items())
+    if size is None or depth == 0:
+        raise ConvertError(f"the encoder ({found}) matches no model size here (width/MLP: {known})")
     if channels != 3 or p != p2 or grid * grid != num_patches or pos_width != width:
         raise ConvertError(
             f"the encoder's patch embedding {tuple(encoder['patch_embed.proj.weight'].shape)} "
@@ -116,12 +114,17 @@ def infer_model(encoder: dict, predictor: dict) -> dict:
             f"must be a multiple of 4 and of the encoder's {SIZES[size].heads} heads"
         )
     return dict(
-        variant=size, patch_size=p, image_size=grid * p, pred_depth=pred_depth, pred_dim=pred_dim
+        variant=size,
+        depth=-1 if depth == SIZES[size].depth else depth,
+        patch_size=p,
+        image_size=grid * p,
+        pred_depth=pred_depth,
+        pred_dim=pred_dim,
     )
 
 
 def describe(model) -> str:
-    size = SIZES[model["variant"]]
+    size = encoder_size(model)
     grid = model["image_size"] // model["patch_size"]
     return (
         f"ViT-{model['variant']}/{model['patch_size']} encoder (width {size.width}, {size.depth} "
@@ -136,11 +139,11 @@ def check_shapes(state_dicts: dict, params: dict, model) -> None:
     problems = []
     for name, sd in state_dicts.items():
         net = "predictor" if name == "predictor" else "encoder"
-        depth = model["pred_depth"] if net == "predictor" else SIZES[model["variant"]].depth
+        depth = model["pred_depth"] if net == "predictor" else encoder_size(model).depth
         expected = {}
         for e in entries(net, depth):
             if e.kind == "pos":
-                width = model["pred_dim"] if net == "predictor" else SIZES[model["variant"]].width
+                width = model["pred_dim"] if net == "predictor" else encoder_size(model).width
                 expected[e.name] = (1, grid * grid, width)
             else:
                 shape = tuple(at_path(params[net], e.path).shape)

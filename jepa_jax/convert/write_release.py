@@ -25,7 +25,7 @@ from jepa_jax.convert.layout import (
 )
 from jepa_jax.convert.read_release import describe
 from jepa_jax.convert.write_workdir import abstract_state, is_adam
-from jepa_jax.models.vit import SIZES
+from jepa_jax.models.vit import encoder_size
 
 # A fresh torch.cuda.amp.GradScaler's state: the release's loader restores one when bf16 is on.
 DEFAULT_SCALER = {
@@ -76,7 +76,7 @@ def _release_state_dict(tree: dict, net: str, model: dict) -> dict:
 
 def _release_opt(state, config, model: dict, meta: dict) -> dict:
     torch = import_torch()
-    depths = {"encoder": SIZES[model["variant"]].depth, "predictor": model["pred_depth"]}
+    depths = {"encoder": encoder_size(model).depth, "predictor": model["pred_depth"]}
     adam = [x for x in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(x)]
     if len(adam) != 1:
         raise RuntimeError(f"expected one Adam state in the optimizer, found {len(adam)}")
@@ -132,7 +132,7 @@ def to_release(path: str, out: str, say=print) -> str:
     if os.path.exists(out):
         raise ConvertError(f"{out} already exists; choose a new --out")
     config, state, step_dir = read_workdir(path)
-    model = {f: config.model[f] for f in checkpoint.SHAPE_FIELDS}
+    model = checkpoint.shape_fields(config.model)
     root = os.path.dirname(os.path.dirname(step_dir))
     meta = {}
     if os.path.exists(os.path.join(root, SIDECAR)):

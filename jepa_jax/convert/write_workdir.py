@@ -29,7 +29,7 @@ from jepa_jax.convert.read_release import (
     strip_prefix,
     to_numpy,
 )
-from jepa_jax.models.vit import SIZES
+from jepa_jax.models.vit import encoder_size
 
 
 def _presets():
@@ -49,7 +49,7 @@ def config_for(model: dict) -> tuple[ml_collections.ConfigDict, str]:
     close = None
     for name in default.PRESETS:
         config = default.get_config(name)
-        if all(config.model[f] == model[f] for f in checkpoint.SHAPE_FIELDS):
+        if checkpoint.shape_fields(config.model) == model:
             return config, f"preset {name}"
         if close is None and config.model.variant == model["variant"]:
             close = name
@@ -61,10 +61,11 @@ def config_for(model: dict) -> tuple[ml_collections.ConfigDict, str]:
 
 def check_config(config, model: dict) -> None:
     """ValueError naming every config.model field that disagrees with the checkpoint."""
+    ours = checkpoint.shape_fields(config.model)
     diffs = [
-        f"config.model.{f}={config.model[f]!r} but the checkpoint has {model[f]!r}"
+        f"config.model.{f}={ours[f]!r} but the checkpoint has {model[f]!r}"
         for f in checkpoint.SHAPE_FIELDS
-        if config.model[f] != model[f]
+        if ours[f] != model[f]
     ]
     if diffs:
         raise ConvertError(
@@ -167,7 +168,7 @@ def to_workdir(path: str, out: str, config=None, say=print) -> str:
     epoch = ckpt.get("epoch")
     say(f"Found: {describe(model)}; saved at epoch {epoch}")
 
-    depths = {"encoder": SIZES[model["variant"]].depth, "predictor": model["pred_depth"]}
+    depths = {"encoder": encoder_size(model).depth, "predictor": model["pred_depth"]}
     check_positions(nets)
     adam = adam_from_release(ckpt.get("opt"), like, depths, say)
 

@@ -130,21 +130,28 @@ def builtin_digits() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int32)
 
 
-def builtin(split: str) -> LabelledImages:
-    """The built-in set's `split` ("train": 4,000 digits, "val": 1,000), 10 classes."""
+def builtin_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(grey uint8 [N, 28, 28], labels [N]) of the built-in set's `split`: "train" (4,000
+    digits) or "val" (1,000). Per class, the last BUILTIN_VAL_PER_CLASS digits in file order are
+    val. Pretraining on the digits (config.data.source=digits) reads the train split."""
     digits, labels = builtin_digits()
-    # Per class, the last BUILTIN_VAL_PER_CLASS digits (in file order) are val.
     rank = np.zeros(len(labels), np.int64)
     for c in range(10):
         rank[labels == c] = np.arange((labels == c).sum())
     per_class = np.bincount(labels, minlength=10)
     is_val = rank >= per_class[labels] - BUILTIN_VAL_PER_CLASS
     index = np.flatnonzero(is_val if split == "val" else ~is_val)
+    return digits[index], labels[index]
+
+
+def builtin(split: str) -> LabelledImages:
+    """The built-in set's `split` ("train": 4,000 digits, "val": 1,000), 10 classes."""
+    digits, labels = builtin_split(split)
     return LabelledImages(
         f"{BUILTIN}:{split}",
         [str(c) for c in range(10)],
-        labels[index],
-        lambda i: np.repeat(digits[index[i], :, :, None], 3, axis=-1),  # grey as RGB
+        labels,
+        lambda i: images_lib.grey_to_rgb(digits[i]),
     )
 
 

@@ -90,13 +90,17 @@ def pooled(encoder: vit.VisionTransformer, images: jax.Array, kind: str) -> jax.
         return encoder(images).astype(jnp.float32).mean(axis=1)
     if kind != "last4":
         raise ValueError(f"features={kind!r}: choose one of {', '.join(FEATURES)}")
+    depth = encoder.blocks.depth
+    if depth < 4:
+        raise ValueError(
+            f"features=last4 reads the last 4 blocks; this encoder has {depth}: use avgpool"
+        )
     # VisionTransformer.__call__, keeping the last four block outputs.
     encoder.check_images(images.shape)
     patches = vit.patchify(images.astype(encoder.dtype), encoder.patch_size)
     pos = jnp.asarray(vit.sincos_pos_embed(encoder.size.width, *encoder.grid), jnp.float32)
     x = encoder.patch_embed(patches) + pos.astype(encoder.residual_dtype)
     graphdef, stacked = nnx.split(encoder.blocks.layers)
-    depth = encoder.blocks.depth
     first = jax.tree.map(lambda a: a[: depth - 4], stacked)
     last = jax.tree.map(lambda a: a[depth - 4 :], stacked)
 

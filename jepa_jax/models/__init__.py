@@ -15,7 +15,7 @@ from jepa_jax.models.build import (
 )
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.pretrained import load_encoder
-from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
+from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
 __all__ = [
     "IJEPA",
@@ -25,6 +25,7 @@ __all__ = [
     "ViTSize",
     "build",
     "create",
+    "encoder_size",
     "from_config",
     "layer_counts",
     "load_encoder",

@@ -12,7 +12,7 @@ from flax import nnx
 from jepa_jax import attention as attention_lib
 from jepa_jax import presets
 from jepa_jax.models.predictor import Predictor
-from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize
+from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
 
 @dataclasses.dataclass
@@ -75,18 +75,16 @@ def from_config(
 ) -> IJEPA:
     """Build from a validated `config.model` (configs/default.py, configuration.validate);
     `attention` skips resolving again."""
+    size = encoder_size(model_config)
     return build(
-        SIZES[model_config.variant],
+        size,
         patch_size=model_config.patch_size,
         image_size=model_config.image_size,
         pred_depth=model_config.pred_depth,
         pred_dim=model_config.pred_dim,
         attention=attention
         or resolve_attention(
-            SIZES[model_config.variant],
-            model_config.pred_dim,
-            model_config.attention,
-            model_config.dtype,
+            size, model_config.pred_dim, model_config.attention, model_config.dtype
         ),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs

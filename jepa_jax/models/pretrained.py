@@ -8,7 +8,7 @@ from flax import nnx
 
 from jepa_jax import checkpoint
 from jepa_jax.models.build import from_config, resolve_attention
-from jepa_jax.models.vit import SIZES
+from jepa_jax.models.vit import encoder_size
 
 
 def load_encoder(
@@ -26,7 +26,7 @@ def load_encoder(
     step_dir, config = checkpoint.read_config(path)
     m = ml_collections.ConfigDict(config.model.to_dict())
     m.residual_dtype = "float32"  # float32 features whatever the run trained with
-    choice = resolve_attention(SIZES[m.variant], m.pred_dim, attention, m.dtype)
+    choice = resolve_attention(encoder_size(m), m.pred_dim, attention, m.dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: from_config(m, attention=choice).encoder))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.tree.map(

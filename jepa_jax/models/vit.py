@@ -45,6 +45,15 @@ SIZES = {
 }
 
 
+def encoder_size(model) -> ViTSize:
+    """The encoder that `model` (config.model, or a dict of its fields) describes: its variant's
+    size, with `depth` blocks where that field is set (-1, or absent in older configs: the
+    variant's own depth)."""
+    size = SIZES[model["variant"]]
+    depth = model.get("depth", -1)
+    return size if depth == -1 else dataclasses.replace(size, depth=depth)
+
+
 @functools.cache
 def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """[grid_h * grid_w, dim] fixed positions: first half encodes the column, second the row."""
