@@ -5,6 +5,8 @@ import gzip
 import json
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jepa_jax import bench, masks
@@ -202,6 +204,29 @@ def test_profile_groups_gpu_stream_kernels_by_kind():
     assert sum(r["share"] for r in table) == pytest.approx(1.0)
 
 
+def test_profile_gives_fusion_groups_the_bytes_their_kernels_move():
+    """A fusion's kernel moves its operands and results once each (the HLO's shapes); launches
+    of one kernel name each count those bytes; GB/s is bytes over those kernels' time."""
+    rows, cols = np.random.default_rng().integers(8, 64, 2)
+    x = jnp.ones((rows, cols), jnp.float32)
+    y = jnp.ones((rows, cols), jnp.bfloat16)
+    step = jax.jit(lambda x, y: (jnp.sin(x) * y).astype(jnp.bfloat16))
+    found = bench.fusion_bytes(step.lower(x, y).compile().as_text())
+    ((name, moved),) = found.items()  # the one elementwise fusion: read f32 and bf16, write bf16
+    assert moved == rows * cols * (4 + 2 + 2) and "." not in name
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13"}},
+    ]
+    kernels = [_trace_event(name, 1, 7, 2.0), _trace_event(name, 1, 7, 2.0)]
+    kernels.append(_trace_event("nvjet_sm90_tst", 1, 7, 10.0))
+    table = bench.kernel_table(bench.device_kernels({"traceEvents": meta + kernels}), 1, found)
+    gemm, fusion = table
+    assert gemm["gb_per_s"] is None and gemm["bytes_per_step"] is None
+    assert fusion["bytes_per_step"] == 2 * moved
+    assert fusion["gb_per_s"] == pytest.approx(2 * moved / 4e-6 / 1e9)
+
+
 def test_profile_mode_writes_trace_and_json(tmp_path):
     out, traces = tmp_path / "profile.json", tmp_path / "traces"
     argv = ["profile", "--config", "tiny", "--impls", "reference", "--per-device-batch", "1"]
@@ -217,7 +242,10 @@ def test_profile_mode_writes_trace_and_json(tmp_path):
         events = json.load(gzip.open(trace))
         events = events["traceEvents"] if isinstance(events, dict) else events
         names = {e.get("name") or "" for e in events if e.get("ph") == "X"}
-        assert "PjitFunction(train_step)" in names
+        assert "PjitFunction(jit(train_step))" in names  # the step, compiled ahead of time
         assert any("fusion" in name for name in names)
     else:
         assert summary["kernel_ms_per_step"] > 0 and result["rows"]
+        # fusion kernels are named after their fusions, so the HLO's bytes reach their groups
+        rates = [r["gb_per_s"] for r in result["rows"] if r["kind"] == "fusion"]
+        assert any(rate and np.isfinite(rate) and rate > 0 for rate in rates), result["rows"]

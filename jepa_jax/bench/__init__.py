@@ -14,7 +14,8 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
   python -m jepa_jax.bench profile [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--steps 3] [--warmup 3] [--top 25] [--trace-dir bench_trace] [--out bench_profile.json]
-      (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step)
+      (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step,
+      and each fusion group's achieved GB/s from the bytes its HLO moves)
 
 Every mode takes --plot PATH: the implementations side by side as bar charts (needs matplotlib,
 the `plot` extra).
@@ -30,7 +31,7 @@ from jepa_jax.bench.breakdown import breakdown_rows
 from jepa_jax.bench.cli import MODES, main, parse_args
 from jepa_jax.bench.common import format_table, load_config
 from jepa_jax.bench.max_batch import max_batch_one
-from jepa_jax.bench.profile import device_kernels, kernel_table
+from jepa_jax.bench.profile import device_kernels, fusion_bytes, kernel_table
 from jepa_jax.bench.train import train_row
 from jepa_jax.flops import flops_per_image, step_flops_by_part
 
@@ -42,6 +43,7 @@ __all__ = [
     "device_kernels",
     "flops_per_image",
     "format_table",
+    "fusion_bytes",
     "kernel_table",
     "load_config",
     "main",

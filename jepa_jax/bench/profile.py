@@ -5,6 +5,11 @@ kernel family summed over all layers, and classed as gemm, attention, copy or fu
 itself stays under --trace-dir for Perfetto or TensorBoard. XLA runs the step as CUDA graphs,
 so kernels carry no HLO op names; XLA_FLAGS=--xla_gpu_enable_command_buffer= brings them back.
 On a CPU the trace holds host events only, and the kernel table is empty.
+
+Each fusion group also gets the bytes its kernels must move (every operand read once, every
+result written once, as the compiled HLO states their shapes) over their time: achieved GB/s,
+to set beside the card's copy bandwidth. XLA names a fusion's kernel after the fusion and runs
+identical fusions through one kernel, so a kernel name stands for one fusion's shapes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import time
@@ -25,6 +31,37 @@ KINDS = (
     ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce")),
     ("copy", ("memcpy", "memset")),
 )
+
+
+# Bytes per element of the HLO element types a step uses.
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2}
+_ELEMENT_BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# `%name = SHAPE opcode(operands)`, SHAPE an array (`f32[8,128]{1,0}`) or a tuple of them.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)")
+
+
+def _shape_bytes(shape: str) -> int:
+    arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
+    return sum(
+        _ELEMENT_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in arrays
+    )
+
+
+def fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """Kernel name -> bytes one launch of that fusion must move: its operands and results."""
+    sizes, fusions = {}, []
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            name, shape, opcode, operands = match.groups()
+            sizes[name] = _shape_bytes(shape)
+            if opcode == "fusion":
+                fusions.append((name, re.findall(r"%([^\s,)]+)", operands)))
+    return {
+        re.sub(r"[.\-]", "_", name): sizes[name] + sum(sizes.get(o, 0) for o in operands)
+        for name, operands in fusions
+    }
 
 
 def kernel_kind(name: str) -> str:
@@ -57,13 +94,22 @@ def device_kernels(trace) -> list[tuple[str, float]]:
     ]
 
 
-def kernel_table(kernels: list[tuple[str, float]], steps: int) -> list[dict]:
-    """Groups, largest first: ms and kernels per step, share of all kernel time."""
+def kernel_table(
+    kernels: list[tuple[str, float]], steps: int, bytes_by_kernel: dict[str, int] | None = None
+) -> list[dict]:
+    """Groups, largest first: ms and kernels per step, share of all kernel time, and where
+    `bytes_by_kernel` (fusion_bytes) knows a group's kernels, bytes per step and GB/s over the
+    time of those kernels."""
+    bytes_by_kernel = bytes_by_kernel or {}
     time_us, count = collections.Counter(), collections.Counter()
+    moved, moved_us = collections.Counter(), collections.Counter()
     for name, duration in kernels:
         group = kernel_group(name)
         time_us[group] += duration
         count[group] += 1
+        if name in bytes_by_kernel:
+            moved[group] += bytes_by_kernel[name]
+            moved_us[group] += duration
     total = sum(time_us.values()) or 1.0
     return [
         {
@@ -72,6 +118,8 @@ def kernel_table(kernels: list[tuple[str, float]], steps: int) -> list[dict]:
             "ms_per_step": us / 1e3 / steps,
             "kernels_per_step": count[group] / steps,
             "share": us / total,
+            "bytes_per_step": moved[group] / steps if moved_us[group] else None,
+            "gb_per_s": moved[group] / moved_us[group] / 1e3 if moved_us[group] else None,
         }
         for group, us in time_us.most_common()
     ]
@@ -84,8 +132,9 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     from jepa_jax import trainer
 
     config, mesh, net, state, tx, _, batch = real_step_inputs(args, impl)
-    step = trainer.compile_step(config, net, tx, mesh, state)
-    for _ in range(args.warmup + 1):  # the first call compiles
+    step = trainer.compile_step(config, net, tx, mesh, state).lower(state, batch).compile()
+    bytes_by_kernel = fusion_bytes(step.as_text())
+    for _ in range(args.warmup + 1):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     trace_dir = os.path.join(args.trace_dir, impl)
@@ -97,7 +146,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
-        table = kernel_table(device_kernels(json.load(f)), args.steps)
+        table = kernel_table(device_kernels(json.load(f)), args.steps, bytes_by_kernel)
     by_kind = collections.Counter()
     for row in table:
         by_kind[row["kind"]] += row["ms_per_step"]
@@ -132,4 +181,5 @@ PROFILE_COLUMNS = (
     ("ms/step", lambda r: r["ms_per_step"], ".2f"),
     ("kernels/step", lambda r: r["kernels_per_step"], ".0f"),
     ("share", lambda r: 100 * r["share"], ".1f"),
+    ("GB/s", lambda r: r.get("gb_per_s"), ".0f"),
 )
