@@ -173,10 +173,15 @@ def _trace_event(name, pid, tid, dur):
     return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": 0, "dur": dur}
 
 
+# Trace metadata naming process 1 a GPU and its thread 7 a kernel stream.
+GPU_STREAM = [
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13"}},
+]
+
+
 def test_profile_groups_gpu_stream_kernels_by_kind():
-    meta = [
-        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
-        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13"}},
+    meta = GPU_STREAM + [
         {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
         {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13"}},
@@ -214,13 +219,10 @@ def test_profile_gives_fusion_groups_the_bytes_their_kernels_move():
     found = bench.fusion_bytes(step.lower(x, y).compile().as_text())
     ((name, moved),) = found.items()  # the one elementwise fusion: read f32 and bf16, write bf16
     assert moved == rows * cols * (4 + 2 + 2) and "." not in name
-    meta = [
-        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
-        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13"}},
-    ]
     kernels = [_trace_event(name, 1, 7, 2.0), _trace_event(name, 1, 7, 2.0)]
     kernels.append(_trace_event("nvjet_sm90_tst", 1, 7, 10.0))
-    table = bench.kernel_table(bench.device_kernels({"traceEvents": meta + kernels}), 1, found)
+    found_kernels = bench.device_kernels({"traceEvents": GPU_STREAM + kernels})
+    table = bench.kernel_table(found_kernels, 1, found)
     gemm, fusion = table
     assert gemm["gb_per_s"] is None and gemm["bytes_per_step"] is None
     assert fusion["bytes_per_step"] == 2 * moved
