@@ -17,6 +17,11 @@ ON_CPU = jax.default_backend() == "cpu"
 CHILD_XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
 
 
+# One encoder block and one predictor block: these tests check each mode's plumbing, and the
+# tiny preset's 12 blocks only made every compile and step longer.
+SHALLOW = ["--config.model.depth=1", "--config.model.pred_depth=1"]
+
+
 # The pytest process has already started JAX's backend (conftest asks for it); on a GPU that
 # reserves most of its memory, starving the subprocesses these modes measure in.
 cpu_only = pytest.mark.skipif(not ON_CPU, reason="pytest's own process holds the GPU's memory")
@@ -87,6 +92,7 @@ def test_train_mode(tmp_path, monkeypatch):
         "float32",
         "--impls",
         "reference,cudnn",
+        *SHALLOW,
     ]
     bench.main(
         [*argv, "--per-device-batch", "1", "--steps", "3", "--warmup", "1", "--out", str(out)]
@@ -107,6 +113,7 @@ def test_max_batch_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(1))
     out = tmp_path / "max.json"
     argv = ["max-batch", "--config", "tiny", "--config.model.dtype=float32", "--impls", "xla"]
+    argv += SHALLOW
     bench.main([*argv, "--start", "1", "--max-tries", "1", "--out", str(out)])
     row = _rows(json.loads(out.read_text()))["xla"]
     assert row["max_per_device_batch"] == 1 and row["global_batch"] == 1
@@ -153,7 +160,7 @@ def test_max_batch_search_reports_other_errors(monkeypatch):
 def test_breakdown_mode(tmp_path):
     out = tmp_path / "breakdown.json"
     argv = ["breakdown", "--config", "tiny", "--impls", "reference", "--per-device-batch", "1"]
-    bench.main([*argv, "--reps", "1", "--out", str(out)])
+    bench.main([*argv, *SHALLOW, "--reps", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["part"] for r in rows] == [
         "target encoder fwd",
@@ -163,7 +170,7 @@ def test_breakdown_mode(tmp_path):
         "whole step",
     ]
     assert all(r["ms"] > 0 for r in rows)
-    config = bench.load_config("tiny")
+    config = bench.load_config("tiny", SHALLOW)
     spec = masks.mask_spec(config)
     parts = bench.step_flops_by_part(config, spec)
     assert sum(parts.values()) == pytest.approx(bench.flops_per_image(config, spec))
@@ -233,7 +240,8 @@ def test_profile_mode_writes_trace_and_json(tmp_path):
     out, traces = tmp_path / "profile.json", tmp_path / "traces"
     argv = ["profile", "--config", "tiny", "--impls", "reference", "--per-device-batch", "1"]
     bench.main(
-        [*argv, "--steps", "1", "--warmup", "0", "--trace-dir", str(traces), "--out", str(out)]
+        [*argv, *SHALLOW, "--steps", "1", "--warmup", "0", "--trace-dir", str(traces)]
+        + ["--out", str(out)]
     )
     result = json.loads(out.read_text())
     (summary,) = result["summaries"]

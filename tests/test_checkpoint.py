@@ -16,7 +16,7 @@ from flax import nnx
 from configs.default import get_config
 from jepa_jax import checkpoint, data, models, sharding, trainer
 
-STEPS, EVERY, KEEP = 8, 2, 2  # test_faults.py's schedule too: one compiled step for both
+STEPS, EVERY, KEEP = 8, 2, 2  # test_faults.py's schedule too
 # Runs where the mesh is not the point take one device: on 2 CPU cores a step over 8 virtual
 # devices costs 3-4x one over 1.
 ONE = jax.devices()[:1]
@@ -26,6 +26,7 @@ def tiny_config(**mesh):
     config = get_config("tiny")
     config.total_steps, config.checkpoint_every, config.keep_checkpoints = STEPS, EVERY, KEEP
     config.log_every = 1
+    config.model.depth = config.model.pred_depth = 1  # resuming is tested, not the model
     config.mesh.update(mesh)
     return config
 
@@ -166,18 +167,18 @@ def test_incompatible_config_names_the_fields(tmp_path, reference):
         trainer.train_and_evaluate(config, str(tmp_path), devices=ONE)
     message = str(e.value)
     assert "config.model.variant='small' but the checkpoint has 'tiny'" in message
-    assert "config.model.pred_depth=3 but the checkpoint has 2" in message
-    assert "config.model.depth=6 but the checkpoint has -1" in message
+    assert "config.model.pred_depth=3 but the checkpoint has 1" in message
+    assert "config.model.depth=6 but the checkpoint has 1" in message
     assert "num_workers" not in message
     assert "attention" not in message and "dtype" not in message
     assert listing(tmp_path) == before
 
 
 def test_configs_saved_before_depth_existed_resume_with_the_variants_depth():
-    saved = tiny_config().to_dict()
+    saved = get_config("tiny").to_dict()
     del saved["model"]["depth"]
-    checkpoint.check_compatible(saved, tiny_config(), "ckpt")  # depth -1: the variant's
-    deeper = tiny_config()
+    checkpoint.check_compatible(saved, get_config("tiny"), "ckpt")  # depth -1: the variant's
+    deeper = get_config("tiny")
     deeper.model.depth = 4
     with pytest.raises(ValueError, match="config.model.depth=4 but the checkpoint has -1"):
         checkpoint.check_compatible(saved, deeper, "ckpt")

@@ -19,16 +19,20 @@ from configs.default import get_config
 from jepa_jax import checkpoint, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# test_checkpoint's reference run has the same schedule: one compiled step serves both files.
+# test_checkpoint's reference run has the same schedule.
 STEPS, EVERY = 8, 2
 FLAGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}"]
 FLAGS += ["--config.log_every=1", "--config.keep_checkpoints=2"]
+# One block each: what is tested is where a run resumes, and each of the ten or so processes
+# this harness starts then reaches its steps sooner.
+FLAGS += ["--config.model.depth=1", "--config.model.pred_depth=1"]
 
 
 def _config():
     config = get_config("tiny")
     config.total_steps, config.checkpoint_every = STEPS, EVERY
     config.log_every, config.keep_checkpoints = 1, 2
+    config.model.depth = config.model.pred_depth = 1
     return config
 
 

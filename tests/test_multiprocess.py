@@ -35,6 +35,8 @@ def tiny_config(steps: int, data: int, fsdp: int) -> ConfigDict:
     config.total_steps, config.log_every, config.batch_size = steps, 1, BATCH
     # float32 compute: one and several processes differ only in the order of cross-device sums.
     config.model.dtype = "float32"
+    # One block each: the processes' agreement is tested, and every launch compiles sooner.
+    config.model.depth = config.model.pred_depth = 1
     config.mesh.data, config.mesh.fsdp = data, fsdp
     return config
 
@@ -46,6 +48,8 @@ def overrides(config: ConfigDict) -> list[str]:
         f"--config.log_every={config.log_every}",
         f"--config.batch_size={config.batch_size}",
         f"--config.model.dtype={config.model.dtype}",
+        f"--config.model.depth={config.model.depth}",
+        f"--config.model.pred_depth={config.model.pred_depth}",
         f"--config.mesh.data={config.mesh.data}",
         f"--config.mesh.fsdp={config.mesh.fsdp}",
     ]
