@@ -13,6 +13,14 @@ from jepa_jax import data, masks, sharding, trainer
 STEPS = 20
 
 
+def tiny_config():
+    """The tiny preset for STEPS steps with 4 encoder blocks (it learns as well; its 12 only
+    take longer). Both tests here use it: one compiled step serves both."""
+    config = get_config("tiny")
+    config.total_steps, config.model.depth = STEPS, 4
+    return config
+
+
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -20,9 +28,8 @@ def read_metrics(workdir):
 
 def test_loss_decreases_on_tiny(tmp_path):
     """It learns; and k-NN evaluation during training is logged with the metrics."""
-    config = get_config("tiny")
-    config.total_steps, config.log_every = STEPS, 1
-    config.model.depth = 4  # learns as well; the preset's 12 blocks only take longer
+    config = tiny_config()
+    config.log_every = 1
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
         for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):
@@ -48,8 +55,7 @@ def test_loss_decreases_on_tiny(tmp_path):
 
 
 def test_step_compiles_once_over_varying_masks(run_steps):
-    config = get_config("tiny")
-    config.total_steps = STEPS  # the learning test's schedule: one compiled step for both
+    config = tiny_config()
     spec = masks.mask_spec(config)
     draws = [masks.sample_masks(spec, 8, masks.mask_rng(config.seed, s)) for s in range(6)]
     sizes = {tuple(d["target_len"][0]) for d in draws}
