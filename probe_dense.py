@@ -22,6 +22,8 @@ from jepa_jax.kernels.dense import Tiling, fused_dense
 from jepa_jax.models.layers import gelu
 
 CASES = {  # name: (M, K, N, splits, epilogue)
+    "fc1 bias": (32768, 1280, 5120, 1, "bias"),
+    "fc2 bias": (32768, 5120, 1280, 1, "bias"),
     "fc1 target": (32768, 1280, 5120, 1, "gelu"),
     "fc1 context": (8704, 1280, 5120, 1, "gelu+pre"),
     "qkv target": (32768, 1280, 3840, 3, "bias"),
