@@ -112,6 +112,7 @@ def tiny():
         pred_depth=2,
         pred_dim=96,
         dtype="float32",
+        scan_layers=True,  # as the tiny preset (and its load_encoder) runs; compiles one block
         seed=3,
     )
 
@@ -168,7 +169,9 @@ def test_predictor_ignores_padding(tiny):
 
 
 def test_attention_choice_never_changes_params():
-    kw = dict(image_size=32, pred_depth=1, pred_dim=96, dtype="float32", seed=7)
+    # Scanned blocks: one compiled block per program (the unrolled layout is
+    # test_scanned_and_unrolled_layers_compute_the_same's).
+    kw = dict(image_size=32, pred_depth=1, pred_dim=96, dtype="float32", scan_layers=True, seed=7)
     a = models.create("vit_t16", attention="reference", **kw)
     b = models.create("vit_t16", attention="xla", **kw)
     for x, y in zip(
@@ -219,7 +222,12 @@ def test_package_turns_triton_gemm_off_unless_the_user_chose(monkeypatch):
 
 def test_patch_embed_starts_as_the_release_conv():
     """The release's encoder init gives the patch conv N(0, 0.02) (truncated at +-2) and bias 0."""
-    m = models.create("vit_b16", attention="reference", pred_depth=1, seed=11)
+    from configs.default import get_config
+
+    config = get_config("vit_b16")
+    config.model.attention = "reference"
+    config.model.depth = config.model.pred_depth = 1  # its 12 blocks only take longer to init
+    m = models.from_config(config.model, seed=11)
     kernel = np.asarray(m.encoder.patch_embed.kernel[...])
     assert kernel.shape == (16 * 16 * 3, 768)
     assert abs(kernel.std() - 0.02) < 0.0005 and abs(kernel.mean()) < 0.0005
@@ -235,7 +243,9 @@ def _full_and_predicted(encoder, predictor, images, ctx_idx, target_idx, target_
 def _forward_error(residual_dtype: str, seed: int) -> tuple[float, float, jnp.dtype]:
     """Relative error of the bf16 encoder and predictor outputs against float32 (same params)."""
     rng = np.random.default_rng(seed)
-    kw = dict(image_size=64, pred_depth=2, pred_dim=96, seed=int(rng.integers(1 << 30)))
+    init_seed = int(rng.integers(1 << 30))
+    # Scanned: the same 12 blocks, each program compiling one (unrolled, this test took 10 s).
+    kw = dict(image_size=64, pred_depth=2, pred_dim=96, scan_layers=True, seed=init_seed)
     ref = models.create("vit_t16", attention="reference", dtype="float32", **kw)
     low = models.create(
         "vit_t16", attention="reference", dtype="bfloat16", residual_dtype=residual_dtype, **kw
