@@ -2,10 +2,17 @@
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from jepa_jax import errors
 
-from jepa_jax import errors, sharding, trainer
+if __name__ == "__main__":
+    # A mistyped field or value: one line, before absl, and before JAX and the trainer are
+    # imported (0.1 s instead of 2.5).
+    errors.check_config_flags(sys.argv)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jepa_jax import sharding, trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py:tiny", "Config file and preset.")
@@ -49,5 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    errors.check_config_flags(sys.argv)  # a mistyped field or value: one line, before absl
     app.run(main)
