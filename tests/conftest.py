@@ -43,15 +43,16 @@ import pytest  # noqa: E402
 # workers start on them and the run ends on short files, not with one core idle.
 SLOWEST_FILES = (
     "test_faults.py",
-    "test_models.py",
-    "test_bench.py",
-    "test_sharding.py",
-    "test_trainer.py",
-    "test_evaluate.py",
     "test_readme.py",
+    "test_bench.py",
+    "test_evaluate.py",
+    "test_models.py",
     "test_multiprocess.py",
-    "test_checkpoint.py",
+    "test_sharding.py",
     "test_convert.py",
+    "test_checkpoint.py",
+    "test_trainer.py",
+    "test_data.py",
     "test_errors.py",
 )
 
