@@ -21,18 +21,23 @@ from jepa_jax import checkpoint, sharding, trainer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # test_checkpoint's reference run has the same schedule.
 STEPS, EVERY = 8, 2
-FLAGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}"]
-FLAGS += ["--config.log_every=1", "--config.keep_checkpoints=2"]
+# The tiny preset as every run here has it, in-process (_config) and as train.py flags (FLAGS).
 # One block each: what is tested is where a run resumes, and each of the ten or so processes
 # this harness starts then reaches its steps sooner.
-FLAGS += ["--config.model.depth=1", "--config.model.pred_depth=1"]
+OVERRIDES = {
+    "total_steps": STEPS,
+    "checkpoint_every": EVERY,
+    "log_every": 1,
+    "keep_checkpoints": 2,
+    "model.depth": 1,
+    "model.pred_depth": 1,
+}
+FLAGS = [f"--config.{field}={value}" for field, value in OVERRIDES.items()]
 
 
 def _config():
     config = get_config("tiny")
-    config.total_steps, config.checkpoint_every = STEPS, EVERY
-    config.log_every, config.keep_checkpoints = 1, 2
-    config.model.depth = config.model.pred_depth = 1
+    config.update_from_flattened_dict(OVERRIDES)
     return config
 
 

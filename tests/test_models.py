@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
+from configs.default import get_config
 from jepa_jax import attention, models, presets
 from jepa_jax.models.vit import SIZES, gelu, patchify, sincos_pos_embed
 
@@ -222,8 +223,6 @@ def test_package_turns_triton_gemm_off_unless_the_user_chose(monkeypatch):
 
 def test_patch_embed_starts_as_the_release_conv():
     """The release's encoder init gives the patch conv N(0, 0.02) (truncated at +-2) and bias 0."""
-    from configs.default import get_config
-
     config = get_config("vit_b16")
     config.model.attention = "reference"
     config.model.depth = config.model.pred_depth = 1  # its 12 blocks only take longer to init
@@ -281,8 +280,6 @@ def test_bf16_runs_as_the_release_autocast():
 
 
 def test_residual_stream_is_float32_by_default():
-    from configs.default import get_config
-
     assert get_config("vit_h14").model.residual_dtype == "float32"
     m = models.create("vit_t16", attention="reference", image_size=32, pred_depth=1, pred_dim=96)
     assert m.encoder.residual_dtype == jnp.float32 and m.encoder.dtype == jnp.bfloat16
@@ -292,7 +289,6 @@ def test_residual_stream_is_float32_by_default():
 
 def test_config_depth_sets_the_encoder_blocks():
     """config.model.depth cuts (or deepens) the variant's encoder; -1 keeps its own 12 blocks."""
-    from configs.default import get_config
     from jepa_jax import flops, masks
 
     config = get_config("digits")
