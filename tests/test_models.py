@@ -11,9 +11,8 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from configs.default import get_config
-from jepa_jax import attention, kernels, models, presets
-from jepa_jax.models.layers import gelu
-from jepa_jax.models.vit import SIZES, patchify, sincos_pos_embed
+from jepa_jax import attention, models, presets
+from jepa_jax.models.vit import SIZES, gelu, patchify, sincos_pos_embed
 
 
 def n_params(module) -> int:
@@ -39,7 +38,6 @@ def test_parameter_counts(name):
                 pred_depth=spec.pred_depth,
                 pred_dim=384,
                 attention=choice,
-                fused_dense=kernels.resolve("off", dtype="float32", num_devices=1),
                 dtype="float32",
                 residual_dtype="float32",
                 remat=False,

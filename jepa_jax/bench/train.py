@@ -74,7 +74,6 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     compiled = lowered.compile()
     out.update(
         attention=net.attention.name,
-        fused_dense=net.fused_dense.on,
         lower_s=lowered_at - start,
         compile_s=time.perf_counter() - lowered_at,
         xla_memory=_memory(compiled),
