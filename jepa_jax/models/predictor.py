@@ -31,7 +31,6 @@ class Predictor(nnx.Module):
         residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
-        fused_qkv: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
@@ -48,7 +47,6 @@ class Predictor(nnx.Module):
             residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
-            fused_qkv=fused_qkv,
             rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, residual_dtype, rngs)
