@@ -13,9 +13,9 @@ import tempfile
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 # On a CPU, this process compiles hundreds of small programs and runs a few steps of each: LLVM's
 # optimisation costs more than it saves (suite on 2 cores: CPU time 12.0 -> 10.2 min, wall 5:46 ->
-# 5:24), and so do XLA's newer fusion emitters, whose code steps no faster at this optimisation
-# level (compile-bound files: CPU time 245 -> 152 s). Subprocess tests that run many steps take
-# both off again (one_device_env). Not where a GPU may be present.
+# 5:24), and so do XLA's newer fusion emitters (compile-bound files alone: CPU time 244 -> 152 s;
+# steps run up to 1.4x slower). Subprocess tests that run many steps take both off again
+# (one_device_env). Not where a GPU may be present.
 _FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 _FAST_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
 _ON_CPU = not os.path.exists("/dev/nvidiactl")
