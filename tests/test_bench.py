@@ -12,9 +12,13 @@ import pytest
 from jepa_jax import bench, masks
 
 ON_CPU = jax.default_backend() == "cpu"
-# Subprocesses inherit the environment: few devices and no LLVM optimisation keep each child's
-# compile to seconds on a CPU (the numbers measured are meaningless here, only their plumbing).
-CHILD_XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
+# Subprocesses inherit the environment: few devices, no LLVM optimisation and XLA's older fusion
+# emitters keep each child's compile to seconds on a CPU (the numbers measured are meaningless
+# here, only their plumbing).
+CHILD_XLA_FLAGS = (
+    "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
+    " --xla_cpu_use_fusion_emitters=false"
+)
 
 
 # One encoder block and one predictor block: these tests check each mode's plumbing, and the
