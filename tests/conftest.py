@@ -11,6 +11,7 @@ import tempfile
 # Must be set before jax initialises its backends. Appended, so a user's XLA_FLAGS keeps its own
 # flags and the 8-device tests still run.
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+_DEVICES_PATTERN = r"--xla_force_host_platform_device_count=\d+"
 # On a CPU, this process compiles hundreds of small programs and runs a few steps of each: LLVM's
 # optimisation costs more than it saves (suite on 2 cores: CPU time 12.0 -> 10.2 min, wall 5:46 ->
 # 5:24), and so do XLA's newer fusion emitters (compile-bound files alone: CPU time 244 -> 152 s;
@@ -100,10 +101,19 @@ def run_steps():
 
 
 @pytest.fixture(scope="session")
+def xla_flags_for_devices():
+    """XLA_FLAGS for a subprocess that sees `n` virtual CPU devices and otherwise compiles as this
+    session does (on a CPU, the fast-compile flags above: its results are not the point)."""
+    return lambda n: re.sub(
+        _DEVICES_PATTERN, f"--xla_force_host_platform_device_count={n}", os.environ["XLA_FLAGS"]
+    )
+
+
+@pytest.fixture(scope="session")
 def one_device_env():
     """The environment for a subprocess that sees one CPU device, as a laptop does: where the mesh
     is not the point, the session's 8 virtual devices make each step 3-4x slower on 2 cores."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+    flags = re.sub(_DEVICES_PATTERN, "", os.environ["XLA_FLAGS"])
     if _ON_CPU:  # these run tens of steps: optimised code pays for its compile there
         flags = flags.replace(_FAST_COMPILE_FLAG, "").replace(_FAST_EMITTER_FLAG, "")
     return dict(os.environ, XLA_FLAGS=flags.strip())

@@ -12,13 +12,6 @@ import pytest
 from jepa_jax import bench, masks
 
 ON_CPU = jax.default_backend() == "cpu"
-# Subprocesses inherit the environment: few devices, no LLVM optimisation and XLA's older fusion
-# emitters keep each child's compile to seconds on a CPU (the numbers measured are meaningless
-# here, only their plumbing).
-CHILD_XLA_FLAGS = (
-    "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
-    " --xla_cpu_use_fusion_emitters=false"
-)
 
 
 # One encoder block and one predictor block: these tests check each mode's plumbing, and the
@@ -85,8 +78,9 @@ def test_load_config_overrides():
 
 
 @cpu_only
-def test_train_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(2))
+def test_train_mode(tmp_path, monkeypatch, xla_flags_for_devices):
+    # The children inherit the environment: two devices, and the session's fast compile.
+    monkeypatch.setenv("XLA_FLAGS", xla_flags_for_devices(2))
     out = tmp_path / "train.json"
     argv = [
         "train",
@@ -113,8 +107,8 @@ def test_train_mode(tmp_path, monkeypatch):
 
 
 @cpu_only
-def test_max_batch_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", CHILD_XLA_FLAGS.format(1))
+def test_max_batch_mode(tmp_path, monkeypatch, xla_flags_for_devices):
+    monkeypatch.setenv("XLA_FLAGS", xla_flags_for_devices(1))
     out = tmp_path / "max.json"
     argv = ["max-batch", "--config", "tiny", "--config.model.dtype=float32", "--impls", "xla"]
     argv += SHALLOW
