@@ -51,6 +51,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # auto | cudnn | xla | reference. auto: cuDNN flash attention on a supported GPU, otherwise
     # the fastest correct path here. Parameters never depend on this choice.
     c.model.attention = "auto"
+    # auto | on | off. auto: on a Hopper GPU (one device, bf16), the q/k/v projection writes q, k
+    # and v apart from inside its matmul (a Pallas kernel, jepa_jax.kernels.dense), so no copy
+    # unstacks them; XLA elsewhere.
+    # Parameters never depend on this choice.
+    c.model.fused_qkv = "auto"
     # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
     # accumulation); the residual stream, LayerNorms, encoder output and targets use
     # `residual_dtype`. Parameters are always float32. residual_dtype=bfloat16 is a faster, less

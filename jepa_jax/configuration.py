@@ -7,6 +7,7 @@ from __future__ import annotations
 from jepa_jax import masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
+from jepa_jax.kernels import SETTINGS as FUSED_DENSE_SETTINGS
 from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
@@ -28,6 +29,13 @@ def validate(config) -> None:
         "model.attention",
         m.attention,
         f"choose one of {list(IMPLEMENTATIONS)}",
+    )
+    fused = m.get("fused_qkv", "off")  # absent in configs saved before the field
+    _require(
+        fused in FUSED_DENSE_SETTINGS,
+        "model.fused_qkv",
+        fused,
+        f"choose one of {list(FUSED_DENSE_SETTINGS)}",
     )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
+from jepa_jax import kernels
 
 TARGET_LN_EPS = 1e-5
 
@@ -25,6 +26,7 @@ class Networks:
     predictor: nnx.GraphDef
     attention: attention_lib.Choice
     layer_counts: dict
+    fused_qkv: kernels.FusedQKV
 
 
 def target_features(net: Networks, target_params, images: jax.Array, target_idx) -> jax.Array:

@@ -75,6 +75,7 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
         f"{config.model.patch_size}), predictor {_millions(predictor)}, target encoder "
         f"{_millions(count_params(state.target))} (EMA copy of the encoder, not trained)",
         attention.startup_line(net.attention, net.layer_counts),
+        net.fused_qkv.describe(),
         f"Checkpoints: {ckpt_dir} ({saves}, keeping {config.keep_checkpoints})",
         f"Logs: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: "
         + tensorboard_command(workdir),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jepa_jax import checkpoint, data, evaluate, models, objective, optim, sharding
+from jepa_jax import checkpoint, data, evaluate, kernels, models, objective, optim, sharding
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
 from jepa_jax.metrics import MetricsWriter
@@ -71,9 +71,10 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     """Resolve attention, then create the state directly sharded over the mesh."""
     m = config.model
     choice = models.resolve_attention(models.encoder_size(m), m.pred_dim, m.attention, m.dtype)
+    fused = kernels.resolve(m.get("fused_qkv", "off"), dtype=m.dtype, num_devices=mesh.size)
 
     def create_networks():
-        ijepa = models.from_config(m, seed=config.seed, attention=choice)
+        ijepa = models.from_config(m, seed=config.seed, attention=choice, fused_qkv=fused)
         return ijepa.encoder, ijepa.predictor
 
     def init_params():
@@ -95,7 +96,8 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state))
     state = jax.jit(init_state, out_shardings=shardings)()
     counts = models.layer_counts(encoder, predictor)
-    return Networks(nnx.graphdef(encoder), nnx.graphdef(predictor), choice, counts), state, tx
+    net = Networks(nnx.graphdef(encoder), nnx.graphdef(predictor), choice, counts, fused)
+    return net, state, tx
 
 
 def abstract_state(config, mesh) -> tuple[Networks, TrainState]:

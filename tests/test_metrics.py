@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from jepa_jax import attention, metrics, sharding, summary
+from jepa_jax import attention, kernels, metrics, sharding, summary
 
 
 class Clock:
@@ -141,7 +141,11 @@ def fake_run(config):
     """Mesh, networks and state as the trainer's, with shapes only (nothing compiled)."""
     mesh = sharding.make_mesh(config.mesh)
     choice = attention.Choice("auto", "reference", "cudnn unavailable: no CUDA GPU (JAX ...)")
-    net = types.SimpleNamespace(attention=choice, layer_counts={"encoder": 12, "predictor": 2})
+    net = types.SimpleNamespace(
+        attention=choice,
+        layer_counts={"encoder": 12, "predictor": 2},
+        fused_qkv=kernels.resolve("off", dtype="bfloat16", num_devices=1),
+    )
     encoder = {"w": np.zeros((192, 100)), "b": np.zeros(50)}
     state = types.SimpleNamespace(
         params={"encoder": encoder, "predictor": {"w": np.zeros((10, 10))}}, target=encoder
@@ -156,14 +160,15 @@ def test_startup_summary_and_tensorboard_text_and_masks(tmp_path):
     writer.startup(*fake_run(config))
     writer.close()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 6
-    devices, data_line, params, attention_line, checkpoints, logs = lines
+    assert len(lines) == 7
+    devices, data_line, params, attention_line, fused_line, checkpoints, logs = lines
     assert devices.startswith("Devices: ") and "mesh data " in devices
     assert "batch 8 global" in devices
     assert data_line == "Data: built-in procedural images, 1,024 images, 96 px crops"
     assert params.startswith("Parameters: encoder 19,250 (tiny, patch 16), predictor 100")
     # No GPU here: auto falling back is expected, not a warning.
     assert attention_line.startswith("Attention: reference in 14 attention layers")
+    assert fused_line == "Fused q/k/v: off (config.model.fused_qkv=off)"
     assert checkpoints.endswith("checkpoints (every 1000 steps and at the end, keeping 3)")
     assert logs.endswith(f"tensorboard --logdir {tmp_path}/tensorboard")
     texts, images = {}, {}

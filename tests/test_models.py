@@ -11,7 +11,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from configs.default import get_config
-from jepa_jax import attention, models, presets
+from jepa_jax import attention, kernels, models, presets
 from jepa_jax.models.vit import SIZES, gelu, patchify, sincos_pos_embed
 
 
@@ -38,6 +38,7 @@ def test_parameter_counts(name):
                 pred_depth=spec.pred_depth,
                 pred_dim=384,
                 attention=choice,
+                fused_qkv=kernels.resolve("off", dtype="float32", num_devices=1),
                 dtype="float32",
                 residual_dtype="float32",
                 remat=False,

@@ -74,6 +74,7 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     compiled = lowered.compile()
     out.update(
         attention=net.attention.name,
+        fused_qkv=net.fused_qkv.on,
         lower_s=lowered_at - start,
         compile_s=time.perf_counter() - lowered_at,
         xla_memory=_memory(compiled),

@@ -10,19 +10,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax import attention as attention_lib
-from jepa_jax import presets
+from jepa_jax import kernels, presets
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
 
 @dataclasses.dataclass
 class IJEPA:
-    """The context encoder, its EMA target copy, the predictor, and the attention that runs."""
+    """The context encoder, its EMA target copy, the predictor, the attention that runs, and
+    whether the q/k/v kernel runs."""
 
     encoder: VisionTransformer
     target_encoder: VisionTransformer
     predictor: Predictor
     attention: attention_lib.Choice
+    fused_qkv: kernels.FusedQKV
 
     def layer_counts(self) -> dict[str, int]:
         return layer_counts(self.encoder, self.predictor)
@@ -45,6 +47,7 @@ def create(
     residual_dtype: str = "float32",
     remat: bool = False,
     scan_layers: bool = False,
+    fused_qkv: str = "auto",
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
@@ -62,6 +65,7 @@ def create(
         pred_depth=pred_depth or spec.pred_depth,
         pred_dim=pred_dim,
         attention=resolve_attention(size, pred_dim, attention, dtype),
+        fused_qkv=kernels.resolve(fused_qkv, dtype=dtype, num_devices=jax.device_count()),
         dtype=dtype,
         residual_dtype=residual_dtype,
         remat=remat,
@@ -71,10 +75,13 @@ def create(
 
 
 def from_config(
-    model_config, seed: int = 0, attention: attention_lib.Choice | None = None
+    model_config,
+    seed: int = 0,
+    attention: attention_lib.Choice | None = None,
+    fused_qkv: kernels.FusedQKV | None = None,
 ) -> IJEPA:
     """Build from a validated `config.model` (configs/default.py, configuration.validate);
-    `attention` skips resolving again."""
+    `attention` and `fused_qkv` skip resolving again."""
     size = encoder_size(model_config)
     return build(
         size,
@@ -85,6 +92,12 @@ def from_config(
         attention=attention
         or resolve_attention(
             size, model_config.pred_dim, model_config.attention, model_config.dtype
+        ),
+        fused_qkv=fused_qkv
+        or kernels.resolve(
+            model_config.get("fused_qkv", "off"),  # absent in older configs
+            dtype=model_config.dtype,
+            num_devices=jax.device_count(),
         ),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
@@ -108,6 +121,7 @@ def build(
     pred_depth: int,
     pred_dim: int,
     attention: attention_lib.Choice,
+    fused_qkv: kernels.FusedQKV,
     dtype: str,
     residual_dtype: str,
     remat: bool,
@@ -126,9 +140,10 @@ def build(
         jnp.dtype(residual_dtype),
         remat,
         scan_layers,
+        fused_qkv.on,
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
-    return IJEPA(encoder, nnx.clone(encoder), predictor, attention)
+    return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +160,7 @@ class _Networks:
     residual_dtype: jnp.dtype
     remat: bool
     scan: bool
+    fused_qkv: bool
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -157,6 +173,7 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         residual_dtype=n.residual_dtype,
         remat=n.remat,
         scan=n.scan,
+        fused_qkv=n.fused_qkv,
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)

@@ -31,6 +31,7 @@ class Predictor(nnx.Module):
         residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
+        fused_qkv: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
@@ -47,6 +48,7 @@ class Predictor(nnx.Module):
             residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
+            fused_qkv=fused_qkv,
             rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, residual_dtype, rngs)

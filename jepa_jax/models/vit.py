@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jepa_jax.attention import AttentionFn
+from jepa_jax.attention import CUDNN_SEQ_MULTIPLE, AttentionFn
+from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
 # Every Linear (and the mask token) starts at N(0, 0.02), bias 0, as the release trained.
@@ -81,16 +82,30 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Attention(nnx.Module):
     """Multi-head self-attention; the math itself is delegated to the seam's `attn_fn`."""
 
-    def __init__(self, dim: int, heads: int, attn_fn: AttentionFn, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, heads: int, attn_fn: AttentionFn, *, dtype, fused_qkv, rngs: nnx.Rngs
+    ):
         self.heads = heads
         self.attn_fn = attn_fn
+        self.fused_qkv = fused_qkv
         self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
         self.proj = _linear(dim, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         b, t, d = x.shape
-        q, k, v = jnp.unstack(self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads), axis=2)
-        return self.proj(self.attn_fn(q, k, v, kv_lengths=kv_lengths).reshape(b, t, d))
+        padded = -(-t // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE if self.fused_qkv else t
+        if padded != t:
+            # Pad the input once, not q, k and v apart after the kernel has written them: the
+            # padding is masked as keys (kv_lengths) and sliced off as queries.
+            x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0)])
+            if kv_lengths is None:
+                kv_lengths = jnp.full((b,), t, jnp.int32)
+        q, k, v = (
+            y.reshape(b, padded, self.heads, d // self.heads)
+            for y in linear_split(self.qkv, x, 3, self.fused_qkv)
+        )
+        out = self.attn_fn(q, k, v, kv_lengths=kv_lengths)[:, :t]
+        return self.proj(out.reshape(b, t, d))
 
 
 @jax.custom_vjp
@@ -126,11 +141,23 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
+    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers).
     """
 
-    def __init__(self, dim, heads, mlp_hidden, attn_fn, *, dtype, residual_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim,
+        heads,
+        mlp_hidden,
+        attn_fn,
+        *,
+        dtype,
+        residual_dtype,
+        fused_qkv=False,
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = _layer_norm(dim, residual_dtype, rngs)
-        self.attn = Attention(dim, heads, attn_fn, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, heads, attn_fn, dtype=dtype, fused_qkv=fused_qkv, rngs=rngs)
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
         self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
         self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
@@ -161,6 +188,7 @@ class BlockStack(nnx.Module):
         residual_dtype,
         remat,
         scan,
+        fused_qkv=False,
         rngs: nnx.Rngs,
     ):
         self.depth = depth
@@ -177,6 +205,7 @@ class BlockStack(nnx.Module):
                 attn_fn,
                 dtype=dtype,
                 residual_dtype=residual_dtype,
+                fused_qkv=fused_qkv,
                 rngs=rngs,
             )
 
@@ -226,6 +255,7 @@ class VisionTransformer(nnx.Module):
         residual_dtype=jnp.float32,
         remat: bool = False,
         scan: bool = False,
+        fused_qkv: bool = False,
         rngs: nnx.Rngs,
     ):
         self.size = size
@@ -247,6 +277,7 @@ class VisionTransformer(nnx.Module):
             residual_dtype=residual_dtype,
             remat=remat,
             scan=scan,
+            fused_qkv=fused_qkv,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)

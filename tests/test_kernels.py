@@ -1,0 +1,203 @@
+"""The fused q/k/v kernel: where it runs, what it computes, and its backward."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jepa_jax import attention, kernels
+from jepa_jax.kernels import dense
+from jepa_jax.models import layers, vit
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def rel_err(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert not np.isnan(x).any(), "NaN never passes"
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _fresh_key():
+    return jax.random.key(np.random.SeedSequence().entropy % 2**31)
+
+
+def test_off_is_off_and_bad_settings_are_refused():
+    assert not kernels.resolve("off", dtype="bfloat16", num_devices=1).on
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.resolve("yes", dtype="bfloat16", num_devices=1)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the no-GPU branch")
+def test_without_a_gpu_auto_falls_back_and_on_says_why_and_what_to_do():
+    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1)
+    assert not auto.on and "no CUDA GPU" in auto.reason
+    assert auto.describe().startswith("Fused q/k/v: off (no CUDA GPU")
+    with pytest.raises(kernels.KernelUnavailableError, match="no CUDA GPU.*fused_qkv=auto"):
+        kernels.resolve("on", dtype="bfloat16", num_devices=1)
+
+
+@pytest.mark.parametrize(
+    "capability,dtype,devices,reason",
+    [
+        ("9.0", "bfloat16", 1, None),
+        ("8.0", "bfloat16", 1, "compute capability 8.0"),
+        ("9.0", "float32", 1, "compute dtype float32"),
+        ("9.0", "bfloat16", 8, "8 devices"),
+    ],
+)
+def test_auto_runs_only_on_one_hopper_gpu_in_bf16(monkeypatch, capability, dtype, devices, reason):
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+    choice = kernels.resolve("auto", dtype=dtype, num_devices=devices)
+    assert choice.on == (reason is None)
+    if reason:
+        assert reason in choice.reason
+
+
+def test_tilings_fit_the_released_shapes_and_shared_memory():
+    for m, k, n_out in [
+        (32768, 1280, 5120),
+        (8704, 1280, 1280),
+        (62464, 384, 384),
+        (25088, 768, 768),
+    ]:
+        t = dense.tiling_for(m, k, n_out)
+        assert t is not None and n_out % t.tile_n == 0
+        # Each ring slot is filled an even number of times per tile (the barrier phases).
+        assert (k // t.tile_k) % (2 * t.stages) == 0 and t.stages >= 2
+        smem = t.stages * (t.tile_m * t.tile_k + t.tile_k * t.tile_n) * 2
+        assert smem + 8 * t.epi_m * t.epi_n <= dense._SMEM_BYTES
+    assert dense.tiling_for(25088, 768, 768).stages == 6
+    assert dense.tiling_for(8704, 1280, 1280).stages == 5  # the ring depth divides 20 / 2
+    assert dense.tiling_for(100, 1280, 5120) is None  # rows not a multiple of 128: XLA
+    assert dense.tiling_for(128, 1280, 192).tile_n == 64  # ViT-Ti's 192-wide q, k, v
+    assert dense.tiling_for(128, 1280, 96) is None  # columns not a multiple of 64: XLA
+
+
+def _layer_and_input(key, din, dout, rows):
+    k1, k2, k3 = jax.random.split(key, 3)
+    linear = nnx.Linear(din, dout, dtype=jnp.bfloat16, rngs=nnx.Rngs(k1))
+    linear.bias[...] = jax.random.normal(k2, (dout,)) * 0.5
+    return linear, jax.random.normal(k3, (2, rows // 2, din), jnp.float32)
+
+
+def _values_and_grads(layer_fn, linear, x, key):
+    """Outputs, and gradients for x, the kernel and the bias of a random projection of them."""
+    graphdef, params = nnx.split(linear)
+    outs = layer_fn(linear, x)
+    weights = [
+        jax.random.normal(k, o.shape)
+        for k, o in zip(jax.random.split(key, len(outs)), outs, strict=True)
+    ]
+
+    def loss(params, x):
+        ys = layer_fn(nnx.merge(graphdef, params), x)
+        return sum(jnp.vdot(y.astype(jnp.float32), w) for y, w in zip(ys, weights, strict=True))
+
+    grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    return outs, (grads[0]["kernel"][...], grads[0]["bias"][...], grads[1])
+
+
+def _qkv(fused):
+    return lambda linear, x: layers.linear_split(linear, x, 3, fused)
+
+
+def test_fused_qkv_matches_autodiff_of_the_plain_layer(monkeypatch):
+    """The custom backward (XLA) against autodiff of Linear + split; the kernel itself is
+    swapped for `dense.reference`, its XLA statement, so this runs on any platform."""
+    calls = []
+
+    def kernel_stand_in(*args, **kw):
+        calls.append(kw["splits"])
+        return dense.reference(*args, **kw)
+
+    monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
+    key = _fresh_key()
+    linear, x = _layer_and_input(key, 256, 768, rows=256)
+    got, got_grads = _values_and_grads(_qkv(True), linear, x, key)
+    assert calls == [3, 3]  # the fused path ran (forward, and the forward the gradient takes)
+    want, want_grads = _values_and_grads(_qkv(False), linear, x, key)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 1e-2
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 2e-2
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_lengths):
+    """With the kernel on, a sequence whose length cuDNN would pad is padded before the q/k/v
+    matmul instead of after it; masked as keys and sliced off as queries, the padding changes
+    nothing. The kernel is swapped for `dense.reference` and the attention is the reference."""
+    calls = []
+
+    def kernel_stand_in(*args, **kw):
+        calls.append(args[0].shape)
+        return dense.reference(*args, **kw)
+
+    monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
+    key = _fresh_key()
+    batch, tokens, dim = 16, 13, 256
+    x = jax.random.normal(key, (batch, tokens, dim))
+    lengths = jax.random.randint(key, (batch,), 1, tokens + 1) if with_lengths else None
+
+    def run(fused):
+        attn = vit.Attention(
+            dim,
+            4,
+            attention.get("reference"),
+            dtype=jnp.float32,  # so the two paths differ only by the padding, not by roundings
+            fused_qkv=fused,
+            rngs=nnx.Rngs(0),
+        )
+        graphdef, params = nnx.split(attn)
+
+        def loss(params, x):
+            y = nnx.merge(graphdef, params)(x, lengths)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, grads
+
+    (got, got_grads), (want, want_grads) = run(True), run(False)
+    assert calls == [(batch * 16, dim)]  # padded to 16 tokens, once, before the matmul
+    assert got.shape == want.shape == (batch, tokens, dim)
+    assert rel_err(got, want) < 1e-5
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-5
+
+
+@pytest.mark.gpu
+def test_kernel_matches_a_float32_reference():
+    # 67 x 6 tiles over the 132 SMs of an H100 or H200: 3 or 4 per CTA, so both warpgroups
+    # take turns, and warpgroup 1 sits out the last turn on some CTAs.
+    m, k, n = 67 * 128, 256, 768
+    for _ in range(2):  # fresh inputs again: a tile left unwritten would keep the old values
+        kx, kw, kb = jax.random.split(_fresh_key(), 3)
+        x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+        w = (jax.random.normal(kw, (k, n)) * k**-0.5).astype(jnp.bfloat16)
+        b = jax.random.normal(kb, (n,)) * 0.5
+        got = dense.dense_split(x, w, b, splits=3)
+        x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+        pre = jnp.dot(x32, w32, precision="highest") + b.astype(jnp.bfloat16).astype(jnp.float32)
+        want = jnp.split(pre, 3, axis=1)
+        assert len(got) == len(want)
+        for g, r in zip(got, want, strict=True):
+            assert g.dtype == jnp.bfloat16 and g.shape == r.shape
+            assert rel_err(g, r) < 1e-2
+
+
+@pytest.mark.gpu
+def test_fused_qkv_matches_the_plain_layer_on_gpu():
+    key = _fresh_key()
+    linear, x = _layer_and_input(key, 256, 768, rows=512)
+    got, got_grads = _values_and_grads(_qkv(True), linear, x, key)
+    want, want_grads = _values_and_grads(_qkv(False), linear, x, key)
+    for g, w in zip([*got, *got_grads], [*want, *want_grads], strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) < 2e-2
