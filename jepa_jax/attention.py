@@ -54,17 +54,32 @@ def xla_attention(q, k, v, *, kv_lengths=None):
 
 def cudnn_attention(q, k, v, *, kv_lengths=None):
     """cuDNN flash attention for any sequence length: pad, mask the padding, slice it off."""
-    batch, tokens = q.shape[:2]
-    padded = -(-tokens // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
-    if padded != tokens:
-        pad = [(0, 0), (0, padded - tokens), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-        if kv_lengths is None:
-            kv_lengths = jnp.full((batch,), tokens, jnp.int32)
+    tokens = q.shape[1]
+    (q, k, v), kv_lengths = pad_tokens((q, k, v), kv_lengths, CUDNN_SEQ_MULTIPLE)
     out = jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )
     return out[:, :tokens]
+
+
+def pad_tokens(arrays, kv_lengths, multiple: int):
+    """Arrays [batch, tokens, ...] padded along tokens to a multiple of `multiple`, and the key
+    lengths that mask the padding out of attention (queries there are sliced off after)."""
+    batch, tokens = arrays[0].shape[:2]
+    padded = -(-tokens // multiple) * multiple
+    if padded == tokens:
+        return tuple(arrays), kv_lengths
+    pad = [(0, 0), (0, padded - tokens)]
+    arrays = tuple(jnp.pad(a, pad + [(0, 0)] * (a.ndim - 2)) for a in arrays)
+    if kv_lengths is None:
+        kv_lengths = jnp.full((batch,), tokens, jnp.int32)
+    return arrays, kv_lengths
+
+
+def seq_multiple(attn_fn: AttentionFn) -> int:
+    """The token multiple `attn_fn` pads to inside (cuDNN's), for a caller that can pad earlier,
+    where it is cheaper."""
+    return CUDNN_SEQ_MULTIPLE if attn_fn is cudnn_attention else 1
 
 
 _BY_NAME: dict[str, AttentionFn] = {

@@ -133,7 +133,10 @@ def test_fused_qkv_matches_autodiff_of_the_plain_layer(monkeypatch):
 def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_lengths):
     """With the kernel on, a sequence whose length cuDNN would pad is padded before the q/k/v
     matmul instead of after it; masked as keys and sliced off as queries, the padding changes
-    nothing. The kernel is swapped for `dense.reference` and the attention is the reference."""
+    nothing. The kernel is swapped for `dense.reference` and the attention is the reference,
+    told to pad as cuDNN does."""
+    assert vit.seq_multiple(attention.get("reference")) == 1  # other attentions: no padding
+    monkeypatch.setattr(vit, "seq_multiple", lambda fn: attention.CUDNN_SEQ_MULTIPLE)
     calls = []
 
     def kernel_stand_in(*args, **kw):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jepa_jax.attention import CUDNN_SEQ_MULTIPLE, AttentionFn
+from jepa_jax.attention import AttentionFn, pad_tokens, seq_multiple
 from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
@@ -93,15 +93,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         b, t, d = x.shape
-        padded = -(-t // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE if self.fused_qkv else t
-        if padded != t:
-            # Pad the input once, not q, k and v apart after the kernel has written them: the
-            # padding is masked as keys (kv_lengths) and sliced off as queries.
-            x = jnp.pad(x, [(0, 0), (0, padded - t), (0, 0)])
-            if kv_lengths is None:
-                kv_lengths = jnp.full((b,), t, jnp.int32)
+        # With the kernel on, pad the input once where the attention would pad q, k and v apart
+        # after the kernel has written them.
+        multiple = seq_multiple(self.attn_fn) if self.fused_qkv else 1
+        (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
         q, k, v = (
-            y.reshape(b, padded, self.heads, d // self.heads)
+            y.reshape(b, -1, self.heads, d // self.heads)
             for y in linear_split(self.qkv, x, 3, self.fused_qkv)
         )
         out = self.attn_fn(q, k, v, kv_lengths=kv_lengths)[:, :t]
