@@ -4,10 +4,9 @@ and `models.vit.patch_grid` own and this calls. Modules downstream trust a valid
 
 from __future__ import annotations
 
-from jepa_jax import masks
+from jepa_jax import kernels, masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
-from jepa_jax.kernels import SETTINGS as FUSED_DENSE_SETTINGS
 from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
@@ -30,12 +29,12 @@ def validate(config) -> None:
         m.attention,
         f"choose one of {list(IMPLEMENTATIONS)}",
     )
-    fused = m.get("fused_qkv", "off")  # absent in configs saved before the field
+    fused = kernels.setting(m)
     _require(
-        fused in FUSED_DENSE_SETTINGS,
+        fused in kernels.SETTINGS,
         "model.fused_qkv",
         fused,
-        f"choose one of {list(FUSED_DENSE_SETTINGS)}",
+        f"choose one of {list(kernels.SETTINGS)}",
     )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")

@@ -70,8 +70,9 @@ def train_step(state: TrainState, batch, *, net: Networks, tx, sched: optim.Sche
 def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformation]:
     """Resolve attention, then create the state directly sharded over the mesh."""
     m = config.model
-    choice = models.resolve_attention(models.encoder_size(m), m.pred_dim, m.attention, m.dtype)
-    fused = kernels.resolve(m.get("fused_qkv", "off"), dtype=m.dtype, num_devices=mesh.size)
+    size = models.encoder_size(m)
+    choice = models.resolve_attention(size, m.pred_dim, m.attention, m.dtype)
+    fused = models.resolve_fused_qkv(size, m.pred_dim, kernels.setting(m), m.dtype, mesh.size)
 
     def create_networks():
         ijepa = models.from_config(m, seed=config.seed, attention=choice, fused_qkv=fused)

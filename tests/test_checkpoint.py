@@ -124,7 +124,7 @@ def test_checkpoint_from_before_the_global_batch_stream_resumes(
     (step_dir / "data" / "process_0-of-1.json").write_text('{"next_index": 4}')
     meta = step_dir / "config" / "metadata"
     saved = json.loads(meta.read_text())
-    del saved["model"]["residual_dtype"], saved["mask"]["trim_batch"]
+    del saved["model"]["residual_dtype"], saved["model"]["fused_qkv"], saved["mask"]["trim_batch"]
     del saved["data"]["on_bad_image"]
     meta.write_text(json.dumps(saved))
     state = trainer.train_and_evaluate(tiny_config(), str(tmp_path), devices=ONE)
@@ -154,6 +154,20 @@ def test_load_encoder_matches_training_encoder(reference, reference_state, capsy
     loaded = "Loaded the target (EMA) encoder (tiny, patch 16, 96px, attention reference)"
     assert f"{loaded} from {step_dir}" in out
     assert "Loaded the context encoder" in out
+
+
+def test_a_run_saved_with_the_qkv_kernel_on_loads_where_it_cannot_run(tmp_path, reference):
+    """fused_qkv=on was saved by a Hopper run; the kernel never changes parameters, so
+    load_encoder chooses again here (`auto`: XLA on this CPU) instead of refusing."""
+    copy_checkpoint(reference, tmp_path)
+    meta = tmp_path / "checkpoints" / str(STEPS) / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["model"]["fused_qkv"] = "on"
+    meta.write_text(json.dumps(saved))
+    encoder, config = models.load_encoder(str(tmp_path))
+    assert config.model.fused_qkv == "on"
+    features = encoder(jnp.zeros((1, 96, 96, 3)))
+    assert features.shape == (1, (96 // 16) ** 2, 192) and np.isfinite(features).all()
 
 
 def test_incompatible_config_names_the_fields(tmp_path, reference):

@@ -17,6 +17,7 @@ def test_presets_are_valid(preset):
         ("model.variant", "enormous"),
         ("model.depth", 0),
         ("model.attention", "flash"),
+        ("model.fused_qkv", "yes"),
         ("model.dtype", "int8"),
         ("model.residual_dtype", "float8"),
         ("model.image_size", 100),

@@ -22,22 +22,43 @@ def rel_err(x, ref):
 
 
 def _fresh_key():
-    return jax.random.key(np.random.SeedSequence().entropy % 2**31)
+    seed = np.random.SeedSequence().entropy % 2**31
+    print(f"seed {seed}")  # shown with a failure, to reproduce it
+    return jax.random.key(seed)
+
+
+# The kernel's own tests need a GPU it runs on (Hopper, the startup check passed).
+needs_the_kernel = pytest.mark.skipif(
+    bool(kernels.unavailable_reason("bfloat16", 1)),
+    reason=f"the q/k/v kernel cannot run here: {kernels.unavailable_reason('bfloat16', 1)}",
+)
+
+
+WIDTHS = {"encoders": 768, "predictor": 384}  # ViT-B/16's
 
 
 def test_off_is_off_and_bad_settings_are_refused():
-    assert not kernels.resolve("off", dtype="bfloat16", num_devices=1).on
+    assert not kernels.resolve("off", dtype="bfloat16", num_devices=1, widths=WIDTHS).on
     with pytest.raises(ValueError, match="choose one of"):
-        kernels.resolve("yes", dtype="bfloat16", num_devices=1)
+        kernels.resolve("yes", dtype="bfloat16", num_devices=1, widths=WIDTHS)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the no-GPU branch")
 def test_without_a_gpu_auto_falls_back_and_on_says_why_and_what_to_do():
-    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1)
+    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=WIDTHS)
     assert not auto.on and "no CUDA GPU" in auto.reason
     assert auto.describe().startswith("Fused q/k/v: off (no CUDA GPU")
     with pytest.raises(kernels.KernelUnavailableError, match="no CUDA GPU.*fused_qkv=auto"):
-        kernels.resolve("on", dtype="bfloat16", num_devices=1)
+        kernels.resolve("on", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+
+
+@pytest.fixture
+def one_hopper(monkeypatch):
+    """This process seen as one Hopper GPU whose kernel passes its startup check."""
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0")
+    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
+    monkeypatch.setattr(kernels, "_self_check", lambda: None)
+    return gpu
 
 
 @pytest.mark.parametrize(
@@ -49,18 +70,48 @@ def test_without_a_gpu_auto_falls_back_and_on_says_why_and_what_to_do():
         ("9.0", "bfloat16", 8, "8 devices"),
     ],
 )
-def test_auto_runs_only_on_one_hopper_gpu_in_bf16(monkeypatch, capability, dtype, devices, reason):
-    gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
-    monkeypatch.setattr(jax, "devices", lambda *_: [gpu])
-    choice = kernels.resolve("auto", dtype=dtype, num_devices=devices)
+def test_auto_runs_only_on_one_hopper_gpu_in_bf16(one_hopper, capability, dtype, devices, reason):
+    one_hopper.compute_capability = capability
+    choice = kernels.resolve("auto", dtype=dtype, num_devices=devices, widths=WIDTHS)
     assert choice.on == (reason is None)
     if reason:
         assert reason in choice.reason
 
 
+def test_the_startup_line_names_the_networks_whose_width_it_tiles(one_hopper):
+    both = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+    assert both.describe().startswith("Fused q/k/v: on in the encoders and the predictor (")
+    widths = {"encoders": 192, "predictor": 384}  # ViT-Ti's 192 does not tile
+    assert kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=widths).networks == (
+        "predictor",
+    )
+    tiny = {"encoders": 192, "predictor": 128}
+    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=tiny)
+    assert not auto.on and "encoders 192, predictor 128" in auto.reason
+    with pytest.raises(kernels.KernelUnavailableError, match="tiles none of these widths"):
+        kernels.resolve("on", dtype="bfloat16", num_devices=1, widths=tiny)
+
+
+def test_a_kernel_that_fails_its_startup_check_falls_back_to_xla(monkeypatch):
+    """A jax whose Mosaic GPU API moved: `auto` says why and runs XLA instead of failing later."""
+
+    def broken(*args, **kw):
+        raise NotImplementedError("no lowering rule")
+
+    monkeypatch.setattr(dense, "dense_split", broken)
+    reason = kernels._self_check.__wrapped__()
+    assert "startup check (NotImplementedError: no lowering rule)" in reason
+    monkeypatch.setattr(dense, "dense_split", lambda x, w, b, splits: [x @ w[:, :128]] * splits)
+    assert "wrong result" in kernels._self_check.__wrapped__()
+    monkeypatch.setattr(dense, "dense_split", dense.reference)
+    assert kernels._self_check.__wrapped__() is None
+    inside = []  # first asked while building a model under a trace (eval_shape), it still runs
+    jax.eval_shape(lambda x: inside.append(kernels._self_check.__wrapped__()) or x, jnp.zeros(1))
+    assert inside == [None]
+
+
 def test_tilings_fit_the_released_shapes_and_shared_memory():
     for m, k, n_out in [
-        (32768, 1280, 5120),
         (8704, 1280, 1280),
         (62464, 384, 384),
         (25088, 768, 768),
@@ -74,7 +125,8 @@ def test_tilings_fit_the_released_shapes_and_shared_memory():
     assert dense.tiling_for(25088, 768, 768).stages == 6
     assert dense.tiling_for(8704, 1280, 1280).stages == 5  # the ring depth divides 20 / 2
     assert dense.tiling_for(100, 1280, 5120) is None  # rows not a multiple of 128: XLA
-    assert dense.tiling_for(128, 1280, 192).tile_n == 64  # ViT-Ti's 192-wide q, k, v
+    assert dense.tiling_for(128, 1280, 192).tile_n == 64  # 64-wide column tiles
+    assert not dense.width_tiles(192) and not dense.width_tiles(1408)  # ViT-Ti's, ViT-g's
     assert dense.tiling_for(128, 1280, 96) is None  # columns not a multiple of 64: XLA
 
 
@@ -176,10 +228,14 @@ def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_l
 
 
 @pytest.mark.gpu
-def test_kernel_matches_a_float32_reference():
-    # 67 x 6 tiles over the 132 SMs of an H100 or H200: 3 or 4 per CTA, so both warpgroups
-    # take turns, and warpgroup 1 sits out the last turn on some CTAs.
-    m, k, n = 67 * 128, 256, 768
+@needs_the_kernel
+@pytest.mark.parametrize("k,n_out", [(256, 256), (384, 384), (768, 768), (1280, 1280), (256, 192)])
+def test_kernel_matches_a_float32_reference(k, n_out):
+    """Ring depths 2, 3, 6 and 5, and 64-wide column tiles (n_out 192). At 67 x 6 tiles over
+    the 132 SMs of an H100 or H200, 3 or 4 per CTA: both warpgroups take turns, and warpgroup 1
+    sits out the last turn on some CTAs."""
+    m, n = 67 * 128, 3 * n_out
+    assert dense.tiling_for(m, k, n_out) is not None  # else this would test nothing
     for _ in range(2):  # fresh inputs again: a tile left unwritten would keep the old values
         kx, kw, kb = jax.random.split(_fresh_key(), 3)
         x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -196,9 +252,11 @@ def test_kernel_matches_a_float32_reference():
 
 
 @pytest.mark.gpu
+@needs_the_kernel
 def test_fused_qkv_matches_the_plain_layer_on_gpu():
     key = _fresh_key()
     linear, x = _layer_and_input(key, 256, 768, rows=512)
+    assert dense.tiling_for(512, 256, 256) is not None  # the kernel, not XLA, runs
     got, got_grads = _values_and_grads(_qkv(True), linear, x, key)
     want, want_grads = _values_and_grads(_qkv(False), linear, x, key)
     for g, w in zip([*got, *got_grads], [*want, *want_grads], strict=True):

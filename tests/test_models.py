@@ -38,7 +38,7 @@ def test_parameter_counts(name):
                 pred_depth=spec.pred_depth,
                 pred_dim=384,
                 attention=choice,
-                fused_qkv=kernels.resolve("off", dtype="float32", num_devices=1),
+                fused_qkv=kernels.resolve("off", dtype="float32", num_devices=1, widths={}),
                 dtype="float32",
                 residual_dtype="float32",
                 remat=False,

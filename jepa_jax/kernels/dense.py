@@ -62,6 +62,12 @@ def tiling_for(m: int, k: int, n_out: int, base: Tiling = Tiling()) -> Tiling | 
     return None
 
 
+def width_tiles(width: int) -> bool:
+    """Whether a q/k/v projection of this width (in and per output) has a tiling, for rows that
+    are a whole number of row tiles."""
+    return tiling_for(Tiling().tile_m, width, width) is not None
+
+
 def _kernel(x_gmem, w_gmem, b_gmem, *out_gmem, t: Tiling, splits, num_sms):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu

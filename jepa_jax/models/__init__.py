@@ -12,6 +12,7 @@ from jepa_jax.models.build import (
     from_config,
     layer_counts,
     resolve_attention,
+    resolve_fused_qkv,
 )
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.pretrained import load_encoder
@@ -30,4 +31,5 @@ __all__ = [
     "layer_counts",
     "load_encoder",
     "resolve_attention",
+    "resolve_fused_qkv",
 ]

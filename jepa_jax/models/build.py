@@ -65,7 +65,7 @@ def create(
         pred_depth=pred_depth or spec.pred_depth,
         pred_dim=pred_dim,
         attention=resolve_attention(size, pred_dim, attention, dtype),
-        fused_qkv=kernels.resolve(fused_qkv, dtype=dtype, num_devices=jax.device_count()),
+        fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
         dtype=dtype,
         residual_dtype=residual_dtype,
         remat=remat,
@@ -94,10 +94,12 @@ def from_config(
             size, model_config.pred_dim, model_config.attention, model_config.dtype
         ),
         fused_qkv=fused_qkv
-        or kernels.resolve(
-            model_config.get("fused_qkv", "off"),  # absent in older configs
-            dtype=model_config.dtype,
-            num_devices=jax.device_count(),
+        or resolve_fused_qkv(
+            size,
+            model_config.pred_dim,
+            kernels.setting(model_config),
+            model_config.dtype,
+            jax.device_count(),
         ),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
@@ -111,6 +113,14 @@ def resolve_attention(size: ViTSize, pred_dim: int, attention: str, dtype: str):
     """Which attention implementation runs for these networks (raises for impossible cudnn)."""
     head_dims = (size.width // size.heads, pred_dim // size.heads)
     return attention_lib.resolve(attention, dtype=jnp.dtype(dtype), head_dims=head_dims)
+
+
+def resolve_fused_qkv(
+    size: ViTSize, pred_dim: int, setting: str, dtype: str, num_devices: int
+) -> kernels.FusedQKV:
+    """Whether the q/k/v kernel runs for these networks (raises for an impossible `on`)."""
+    widths = {"encoders": size.width, "predictor": pred_dim}
+    return kernels.resolve(setting, dtype=dtype, num_devices=num_devices, widths=widths)
 
 
 def build(

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jepa_jax.attention import AttentionFn, pad_tokens, seq_multiple
+from jepa_jax.kernels.dense import width_tiles
 from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
     ):
         self.heads = heads
         self.attn_fn = attn_fn
-        self.fused_qkv = fused_qkv
+        self.fused_qkv = fused_qkv and width_tiles(dim)  # XLA for a width it does not tile
         self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
         self.proj = _linear(dim, dim, dtype, rngs)
 
