@@ -40,7 +40,7 @@ class Tiling:
 _SMEM_BYTES = 227 * 1024  # per block on Hopper
 
 
-def tiling_for(m: int, k: int, n_out: int, base: Tiling = Tiling()) -> Tiling | None:
+def tiling_for(m: int, k: int, n_out: int) -> Tiling | None:
     """The tiling that fits these shapes (each output's columns a whole number of tiles) and
     shared memory, or None where none does (the caller then uses XLA).
 
@@ -48,6 +48,7 @@ def tiling_for(m: int, k: int, n_out: int, base: Tiling = Tiling()) -> Tiling | 
     be filled an even number of times per tile: the ring depth divides k / tile_k / 2. Then the
     other warpgroup's tile leaves every phase where the next tile's waits expect it.
     """
+    base = Tiling()
     for tile_n in (base.tile_n, 64):
         t = dataclasses.replace(base, tile_n=tile_n, epi_n=min(base.epi_n, tile_n))
         if m % t.tile_m or k % t.tile_k or n_out % t.tile_n:
@@ -222,7 +223,7 @@ def _kernel(x_gmem, w_gmem, b_gmem, *out_gmem, t: Tiling, splits, num_sms):
 
 
 def dense_split(
-    x: jax.Array, w: jax.Array, b: jax.Array, *, splits: int = 1, tiling: Tiling | None = None
+    x: jax.Array, w: jax.Array, b: jax.Array, *, splits: int = 1
 ) -> tuple[jax.Array, ...]:
     """`x @ w + b` for x [M, K], w [K, N] (both bf16), b [N], as its `splits` column blocks:
     separate [M, N / splits] arrays. Raises ValueError where the shapes fit no tiling
@@ -234,7 +235,7 @@ def dense_split(
     n = w.shape[1]
     if n % splits:
         raise ValueError(f"{n} columns do not split into {splits} outputs")
-    t = tiling_for(m, k, n // splits, tiling or Tiling())
+    t = tiling_for(m, k, n // splits)
     if t is None:
         raise ValueError(f"no dense-split tiling fits M={m}, K={k}, N={n} in {splits} outputs")
     # One CTA per SM, each looping over tiles (1 where the device does not say: tracing on a CPU).
