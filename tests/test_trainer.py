@@ -10,7 +10,7 @@ from PIL import Image
 from configs.default import get_config
 from jepa_jax import data, masks, sharding, trainer
 
-STEPS = 20
+STEPS = 12
 
 
 def tiny_config():
