@@ -98,7 +98,8 @@ def get(name: str) -> AttentionFn:
     return _BY_NAME[name]
 
 
-def _gpu_compute_capability() -> tuple[int, int] | None:
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first CUDA GPU, or None without one."""
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if not gpus or not hasattr(gpus[0], "compute_capability"):
         return None
@@ -109,7 +110,7 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 @functools.cache
 def _cudnn_probe() -> str | None:
     """Run a tiny cuDNN forward+backward once; None if it works, else the reason it does not."""
-    capability = _gpu_compute_capability()
+    capability = gpu_compute_capability()
     if capability is None:
         return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
     if capability < (8, 0):
@@ -130,7 +131,7 @@ def cudnn_unsupported(dtype=None, head_dims: tuple[int, ...] = ()) -> str | None
         return reason
     if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return f"compute dtype {jnp.dtype(dtype).name}: cuDNN attention needs bfloat16 or float16"
-    max_head = 256 if _gpu_compute_capability() >= (9, 0) else 128
+    max_head = 256 if gpu_compute_capability() >= (9, 0) else 128
     bad = sorted({h for h in head_dims if h % 8 or h > max_head})
     if bad:
         return f"head dims {bad}: cuDNN needs a multiple of 8, at most {max_head}"

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jepa_jax.attention import gpu_compute_capability
 from jepa_jax.kernels import dense
 
 SETTINGS = ("auto", "on", "off")
@@ -51,12 +52,12 @@ class FusedQKV:
 
 def unavailable_reason(dtype, num_devices: int) -> str | None:
     """Why the q/k/v kernel cannot run for this compute dtype and device count."""
-    gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    capability = getattr(gpus[0], "compute_capability", None) if gpus else None
+    capability = gpu_compute_capability()
     if capability is None:
         return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
-    if capability.split(".")[0] != "9":
-        return f"GPU compute capability {capability}: the kernel is written for Hopper (9.0)"
+    if capability[0] != 9:
+        major, minor = capability
+        return f"GPU compute capability {major}.{minor}: the kernel is written for Hopper (9.0)"
     if jnp.dtype(dtype) != jnp.bfloat16:
         return f"compute dtype {jnp.dtype(dtype).name}: the kernel takes bfloat16"
     if num_devices > 1:
