@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,7 @@ def build(
         remat,
         scan_layers,
         fused_qkv.on,
+        fused_qkv.on and os.environ.get("JEPA_FUSED_NORM", "1") == "1",  # PROBE
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
     return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv)
@@ -171,6 +173,7 @@ class _Networks:
     remat: bool
     scan: bool
     fused_qkv: bool
+    fused_norm: bool
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -184,6 +187,7 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         remat=n.remat,
         scan=n.scan,
         fused_qkv=n.fused_qkv,
+        fused_norm=n.fused_norm,
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)
