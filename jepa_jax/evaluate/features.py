@@ -23,7 +23,6 @@ from jax.experimental import multihost_utils
 from jepa_jax import checkpoint, data, models, sharding
 from jepa_jax.evaluate import datasets
 from jepa_jax.models import vit
-from jepa_jax.models.layers import add_norm
 
 FEATURES = ("avgpool", "last4")
 ENCODERS = tuple(checkpoint.ENCODERS)  # "target", "context": what a workdir holds
@@ -106,14 +105,13 @@ def pooled(encoder: vit.VisionTransformer, images: jax.Array, kind: str) -> jax.
     first = jax.tree.map(lambda a: a[: depth - 4], stacked)
     last = jax.tree.map(lambda a: a[depth - 4 :], stacked)
 
-    def step(carry, layer):
-        x, pending = nnx.merge(graphdef, layer)(*carry)  # the block's output is x + pending
-        out = add_norm(encoder.norm, x, pending, jnp.float32, encoder.fused_norm)[1]
-        return (x, pending), out.mean(axis=1)
+    def step(x, layer):
+        x = nnx.merge(graphdef, layer)(x)
+        return x, encoder.norm(x).astype(jnp.float32).mean(axis=1)
 
     unroll = 1 if encoder.blocks.scan else depth
-    carry, _ = jax.lax.scan(step, (x, jnp.zeros_like(x, encoder.dtype)), first, unroll=unroll)
-    _, outs = jax.lax.scan(step, carry, last, unroll=unroll)  # [4, B, D]
+    x, _ = jax.lax.scan(step, x, first, unroll=unroll)
+    _, outs = jax.lax.scan(step, x, last, unroll=unroll)  # [4, B, D]
     return jnp.concatenate(list(outs), axis=-1)
 
 

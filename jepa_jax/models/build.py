@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +151,6 @@ def build(
         remat,
         scan_layers,
         fused_qkv.on,
-        fused_qkv.on and os.environ.get("JEPA_FUSED_NORM", "1") == "1",  # PROBE
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
     return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv)
@@ -173,7 +171,6 @@ class _Networks:
     remat: bool
     scan: bool
     fused_qkv: bool
-    fused_norm: bool
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -187,7 +184,6 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         remat=n.remat,
         scan=n.scan,
         fused_qkv=n.fused_qkv,
-        fused_norm=n.fused_norm,
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)

@@ -1,11 +1,8 @@
-"""Layers that can run inside a kernel, each with its plain XLA form:
+"""The q/k/v projection, which can run inside the `kernels.dense` kernel (Hopper): the matmul
+writes q, k and v apart, so no copy unstacks them for the attention.
 
-- the q/k/v projection (`kernels.dense`, Hopper): the matmul writes q, k and v apart, so no
-  copy unstacks them for the attention;
-- a residual add and the LayerNorm after it (`kernels.add_norm`): one pass over the stream.
-
-With `fused=False`, or for shapes the kernel does not take, each is the plain layer in XLA;
-both forms compute the same function (tests/test_kernels.py).
+With `fused=False`, or for shapes the kernel does not tile, it is the plain Linear, split in
+XLA; both compute the same function (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jepa_jax.kernels import add_norm as add_norm_kernel
 from jepa_jax.kernels.dense import dense_split, tiling_for
 
 
@@ -54,49 +50,3 @@ def _dense_split_backward(splits, residuals, grads):
 
 
 _dense_split.defvjp(_dense_split_forward, _dense_split_backward)
-
-
-def add_norm(
-    norm: nnx.LayerNorm, x: jax.Array, h: jax.Array, out_dtype, fused: bool
-) -> tuple[jax.Array, jax.Array]:
-    """(s, norm(s) in out_dtype) for the stream s = x + h: the residual add, then the pre-norm
-    LayerNorm of the next layer. The kernel takes a float32 stream only."""
-    if not fused or x.dtype != jnp.float32:
-        s = x + h
-        return s, norm(s).astype(out_dtype)
-    width = x.shape[-1]
-    s, y = _add_norm(
-        x.reshape(-1, width),
-        h.reshape(-1, width),
-        norm.scale[...],
-        norm.bias[...],
-        norm.epsilon,
-        jnp.dtype(out_dtype),
-    )
-    return s.reshape(x.shape), y.reshape(x.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _add_norm(x, h, scale, bias, eps, out_dtype):
-    return _add_norm_forward(x, h, scale, bias, eps, out_dtype)[0]
-
-
-def _add_norm_forward(x, h, scale, bias, eps, out_dtype):
-    s, y, mean, rstd = add_norm_kernel.add_norm(x, h, scale, bias, eps=eps, out_dtype=out_dtype)
-    return (s, y), (s, mean, rstd, scale, jnp.zeros((0,), h.dtype))
-
-
-def _add_norm_backward(eps, out_dtype, residuals, grads):
-    """LayerNorm's backward in XLA, from the saved stream and row statistics."""
-    s, mean, rstd, scale, h_dtype = residuals
-    ds, dy = grads
-    xhat = (s - mean[:, None]) * rstd[:, None]
-    dy = dy.astype(jnp.float32)
-    g = dy * scale
-    dxhat = g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True)
-    dx = ds + rstd[:, None] * dxhat
-    dscale = jnp.sum(dy * xhat, axis=0).astype(scale.dtype)
-    return dx, dx.astype(h_dtype.dtype), dscale, jnp.sum(dy, axis=0).astype(scale.dtype)
-
-
-_add_norm.defvjp(_add_norm_forward, _add_norm_backward)

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax.attention import AttentionFn
-from jepa_jax.models.layers import add_norm
 from jepa_jax.models.vit import BlockStack, _layer_norm, _linear, dense_init, sincos_pos_embed
 
 
@@ -33,11 +32,9 @@ class Predictor(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
-        fused_norm: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
-        self.fused_norm = fused_norm
         self.residual_dtype = residual_dtype
         self.embed = _linear(embed_dim, pred_dim, dtype, rngs)
         self.mask_token = nnx.Param(dense_init(rngs.params(), (pred_dim,)))
@@ -52,7 +49,6 @@ class Predictor(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
-            fused_norm=fused_norm,
             rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, residual_dtype, rngs)
@@ -77,7 +73,6 @@ class Predictor(nnx.Module):
             self.mask_token[...].astype(self.residual_dtype) + pos[target_idx.reshape(b * m, kt)]
         )
         seq = jnp.concatenate([x, queries], axis=1)
-        seq, pending = self.blocks(seq, kv_lengths=kc + target_len.reshape(b * m).astype(jnp.int32))
-        targets = (seq[:, kc:], pending[:, kc:])
-        out = self.proj(add_norm(self.norm, *targets, self.residual_dtype, self.fused_norm)[1])
+        seq = self.blocks(seq, kv_lengths=kc + target_len.reshape(b * m).astype(jnp.int32))
+        out = self.proj(self.norm(seq[:, kc:]))
         return out.reshape(b, m, kt, -1)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jepa_jax.attention import AttentionFn, pad_tokens, seq_multiple
 from jepa_jax.kernels.dense import width_tiles
-from jepa_jax.models.layers import add_norm, linear_split
+from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
 # Every Linear (and the mask token) starts at N(0, 0.02), bias 0, as the release trained.
@@ -92,14 +92,12 @@ class Attention(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
         self.proj = _linear(dim, dim, dtype, rngs)
 
-    def input_multiple(self) -> int:
-        """The token multiple this layer pads its input to: with the kernel on, the input is
-        padded once where the attention would pad q, k and v apart after the kernel."""
-        return seq_multiple(self.attn_fn) if self.fused_qkv else 1
-
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         b, t, d = x.shape
-        (x,), kv_lengths = pad_tokens((x,), kv_lengths, self.input_multiple())
+        # With the kernel on, pad the input once where the attention would pad q, k and v apart
+        # after the kernel has written them.
+        multiple = seq_multiple(self.attn_fn) if self.fused_qkv else 1
+        (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
         q, k, v = (
             y.reshape(b, -1, self.heads, d // self.heads)
             for y in linear_split(self.qkv, x, 3, self.fused_qkv)
@@ -141,8 +139,7 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
-    `fused_qkv` writes q, k and v apart from inside their matmul, `fused_norm` runs each residual
-    add with the LayerNorm after it in one kernel (models.layers).
+    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers).
     """
 
     def __init__(
@@ -155,28 +152,18 @@ class Block(nnx.Module):
         dtype,
         residual_dtype,
         fused_qkv=False,
-        fused_norm=False,
         rngs: nnx.Rngs,
     ):
-        self.dtype = dtype
-        self.fused_norm = fused_norm
         self.norm1 = _layer_norm(dim, residual_dtype, rngs)
         self.attn = Attention(dim, heads, attn_fn, dtype=dtype, fused_qkv=fused_qkv, rngs=rngs)
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
         self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
         self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
 
-    def __call__(
-        self, x: jax.Array, pending: jax.Array, kv_lengths: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
-        """(stream, branch output) -> the same after this block. The branch output's residual
-        add is left to the next LayerNorm (`add_norm`): the add and the norm run as one pass."""
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
-        # Where the attention pads its input, XLA's LayerNorm writes the padded rows directly.
-        unpadded = x.shape[1] % self.attn.input_multiple() == 0
-        x, y = add_norm(self.norm1, x, pending, self.dtype, self.fused_norm and unpadded)
-        x, y = add_norm(self.norm2, x, self.attn(y, kv_lengths), self.dtype, self.fused_norm)
-        return x, self.fc2(gelu(self.fc1(y)))
+        x = x + self.attn(self.norm1(x), kv_lengths)
+        return x + self.fc2(gelu(self.fc1(self.norm2(x))))
 
 
 class BlockStack(nnx.Module):
@@ -200,7 +187,6 @@ class BlockStack(nnx.Module):
         remat,
         scan,
         fused_qkv=False,
-        fused_norm=False,
         rngs: nnx.Rngs,
     ):
         self.depth = depth
@@ -218,26 +204,20 @@ class BlockStack(nnx.Module):
                 dtype=dtype,
                 residual_dtype=residual_dtype,
                 fused_qkv=fused_qkv,
-                fused_norm=fused_norm,
                 rngs=rngs,
             )
 
         self.layers = make(rngs)
 
-    def __call__(
-        self, x: jax.Array, kv_lengths: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
-        """The stream after the blocks, as (stream, last branch output): the caller's final
-        LayerNorm adds the two (`add_norm`)."""
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         graphdef, stacked = nnx.split(self.layers)
 
-        def step(carry, layer):
-            return nnx.merge(graphdef, layer)(*carry, kv_lengths), None
+        def step(x, layer):
+            return nnx.merge(graphdef, layer)(x, kv_lengths), None
 
         if self.remat:
             step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-        start = (x, jnp.zeros_like(x, self.layers.dtype))
-        return jax.lax.scan(step, start, stacked, unroll=1 if self.scan else self.depth)[0]
+        return jax.lax.scan(step, x, stacked, unroll=1 if self.scan else self.depth)[0]
 
 
 def patch_grid(image_size: int, patch_size: int) -> tuple[int, int]:
@@ -274,11 +254,9 @@ class VisionTransformer(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
-        fused_norm: bool = False,
         rngs: nnx.Rngs,
     ):
         self.size = size
-        self.fused_norm = fused_norm
         self.grid = patch_grid(image_size, patch_size)
         self.dtype = dtype
         self.residual_dtype = residual_dtype
@@ -298,7 +276,6 @@ class VisionTransformer(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
-            fused_norm=fused_norm,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)
@@ -328,8 +305,7 @@ class VisionTransformer(nnx.Module):
             patches = jnp.take_along_axis(patches, token_idx[..., None], axis=1)
             pos = pos[token_idx]
         # The bf16 embedding plus the residual-dtype positions starts the stream in that dtype.
-        x, pending = self.blocks(self.patch_embed(patches) + pos)
-        return add_norm(self.norm, x, pending, self.residual_dtype, self.fused_norm)[1]
+        return self.norm(self.blocks(self.patch_embed(patches) + pos))
 
 
 @nnx.jit
