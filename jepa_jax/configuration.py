@@ -5,7 +5,7 @@ and `models.vit.patch_grid` own and this calls. Modules downstream trust a valid
 from __future__ import annotations
 
 from jepa_jax import kernels, masks
-from jepa_jax.attention import IMPLEMENTATIONS
+from jepa_jax.attention import IMPLEMENTATIONS, SHORT_BACKWARD_SETTINGS, short_backward_setting
 from jepa_jax.evaluate.features import FEATURES
 from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
@@ -35,6 +35,13 @@ def validate(config) -> None:
         "model.fused_qkv",
         fused,
         f"choose one of {list(kernels.SETTINGS)}",
+    )
+    short_backward = short_backward_setting(m)
+    _require(
+        short_backward in SHORT_BACKWARD_SETTINGS,
+        "model.short_attention_backward",
+        short_backward,
+        f"choose one of {list(SHORT_BACKWARD_SETTINGS)}",
     )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")

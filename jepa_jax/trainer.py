@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jepa_jax import attention as attention_lib
 from jepa_jax import checkpoint, data, evaluate, kernels, models, objective, optim, sharding
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
@@ -71,7 +72,14 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     """Resolve attention, then create the state directly sharded over the mesh."""
     m = config.model
     size = models.encoder_size(m)
-    choice = models.resolve_attention(size, m.pred_dim, m.attention, m.dtype)
+    choice = models.resolve_attention(
+        size,
+        m.pred_dim,
+        m.attention,
+        m.dtype,
+        attention_lib.short_backward_setting(m),
+        mesh.size,
+    )
     fused = models.resolve_fused_qkv(size, m.pred_dim, kernels.setting(m), m.dtype, mesh.size)
 
     def create_networks():

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.default import get_config
+from jepa_jax import attention as A
+from jepa_jax import configuration, models
 from jepa_jax.attention import reference_attention
+from jepa_jax.evaluate import features
 from jepa_jax.kernels import short_attention
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -58,3 +62,133 @@ def test_longer_sequences_are_refused():
 def test_compiled_backward_at_the_step_shapes(batch, tokens, head_dim):
     for _ in range(2):  # fresh inputs again: a slab left unwritten would keep the old values
         _check(batch, tokens, 16, head_dim, interpret=False)
+
+
+# --- the kernel as cuDNN attention's backward: choice, startup line, gradients ---
+
+WIDTHS = dict(dtype=jnp.bfloat16, head_dims=(64,))
+
+
+@pytest.fixture
+def cudnn_here(monkeypatch):
+    """Pretend cuDNN and the kernel run here (one H100), to test the choice on any machine."""
+    monkeypatch.setattr(A, "_cudnn_probe", lambda: None)
+    monkeypatch.setattr(A, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(A, "_short_backward_self_check", lambda: None)
+
+
+def test_off_by_default_and_bad_settings_are_refused():
+    choice = A.resolve("xla", dtype=jnp.float32, head_dims=(64,))
+    assert not choice.short_backward and choice.fn is A.xla_attention
+    assert A.short_backward_setting({}) == "off"  # configs saved before the field
+    with pytest.raises(ValueError, match="short_attention_backward='yes'"):
+        A.resolve("xla", short_backward="yes", **WIDTHS)
+    config = get_config("tiny")
+    config.model.short_attention_backward = "yes"
+    with pytest.raises(ValueError, match="model.short_attention_backward"):
+        configuration.validate(config)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_auto_runs_the_kernel_with_cudnn_on_one_device(cudnn_here, devices):
+    choice = A.resolve("auto", short_backward="auto", num_devices=devices, **WIDTHS)
+    assert choice.name == "cudnn" and choice.short_backward == (devices == 1)
+    line = A.describe(choice, {"encoder": 12, "predictor": 6})
+    if devices == 1:
+        assert choice.fn is A.cudnn_attention_short_backward and "in a Pallas kernel" in line
+    else:
+        assert choice.fn is A.cudnn_attention and "2 devices" in line
+    with pytest.raises(A.AttentionUnavailableError, match="short_attention_backward=auto"):
+        A.resolve("xla", short_backward="on", **WIDTHS)  # the kernel replaces cuDNN's backward
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
+def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
+    choice = A.resolve("auto", short_backward="auto", **WIDTHS)
+    assert not choice.short_backward and "attention is reference" in choice.short_backward_reason
+    with pytest.raises(A.AttentionUnavailableError, match="short_attention_backward=on, but"):
+        A.resolve("auto", short_backward="on", **WIDTHS)
+
+
+@pytest.mark.parametrize("tokens,with_lengths", [(13, True), (16, False), (130, True)])
+def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with_lengths):
+    """cudnn_attention_short_backward with cuDNN's forward swapped for the reference (so this
+    runs on a CPU): padding to a multiple of 8, the kernel's backward at up to 128 tokens, and
+    autodiff's beyond. The kernel runs interpreted on a CPU."""
+    monkeypatch.setattr(
+        A, "_cudnn", lambda q, k, v, n: A.reference_attention(q, k, v, kv_lengths=n)
+    )
+    kernel, calls = short_attention.attention_backward, []
+
+    def counted(*args, **kw):
+        calls.append(args[0].shape)
+        return kernel(*args, **kw, interpret=not ON_GPU)
+
+    monkeypatch.setattr(short_attention, "attention_backward", counted)
+    seed = np.random.SeedSequence().entropy % 2**31
+    print(f"seed {seed}")
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, g = (jax.random.normal(key, (2, tokens, 2, 24), jnp.bfloat16) for key in keys[:4])
+    lengths = jax.random.randint(keys[4], (2,), 1, tokens + 1) if with_lengths else None
+
+    def grads(fn):
+        def loss(q, k, v):
+            return jnp.vdot(
+                fn(q, k, v, kv_lengths=lengths).astype(jnp.float32), g.astype(jnp.float32)
+            )
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    got = grads(A.cudnn_attention_short_backward)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want = jax.grad(
+        lambda *a: jnp.vdot(A.reference_attention(*a, kv_lengths=lengths), g.astype(jnp.float32)),
+        argnums=(0, 1, 2),
+    )(*f32)
+    padded = -(-tokens // 8) * 8
+    assert A.seq_multiple(A.cudnn_attention_short_backward) == 8  # padded as cuDNN's
+    assert calls == ([] if padded > 128 else [(2, padded, 2, 24)])
+    for got_, want_ in zip(got, want, strict=True):
+        assert got_.shape == want_.shape and rel_err(got_, want_) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="runs cuDNN and the compiled kernel: needs a CUDA GPU")
+@pytest.mark.parametrize("tokens,head_dim", [(68, 80), (122, 24)])
+def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
+    """At H/14's context and predictor lengths (padded to 72 and 128 inside), against cuDNN's
+    own backward."""
+    assert A._short_backward_self_check() is None
+    keys = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 5)
+    q, k, v, g = (
+        jax.random.normal(key, (32, tokens, 16, head_dim), jnp.bfloat16) for key in keys[:4]
+    )
+    lengths = jax.random.randint(keys[4], (32,), tokens // 2, tokens + 1)
+
+    def grads(fn):
+        def loss(q, k, v):
+            return jnp.vdot(
+                fn(q, k, v, kv_lengths=lengths).astype(jnp.float32), g.astype(jnp.float32)
+            )
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(
+        grads(A.cudnn_attention_short_backward), grads(A.cudnn_attention), strict=True
+    ):
+        assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
+def test_the_startup_check_fails_cleanly_where_triton_cannot_compile():
+    A._short_backward_self_check.cache_clear()
+    assert "failed its startup check" in A._short_backward_self_check()
+
+
+def test_a_run_saved_with_the_kernel_on_evaluates_anywhere():
+    """Features need no backward: the evaluation builds the encoder without the kernel."""
+    config = get_config("tiny")
+    config.model.short_attention_backward = "on"
+    m = features.eval_model_config(config, "reference")
+    assert m.short_attention_backward == "off"
+    assert models.from_config(m).attention.fn is A.reference_attention

@@ -8,7 +8,8 @@ separate pass for rowsum(dO * O) and no float32 dq accumulator: each program rec
 probabilities from q and k, and writes dq, dk and dv once. On an H200 at ViT-H/14's shapes it
 took 0.173 ms where cuDNN's backward took 0.304 (context) and 0.601 where cuDNN took 0.808
 (predictor), both with cuDNN's forward; a one-tile forward was no faster than cuDNN's
-(BENCHMARKS.md). Not yet called by the model: its step pairs come first.
+(BENCHMARKS.md). The model runs it as `attention.cudnn_attention_short_backward` where
+`config.model.short_attention_backward` asks for it (off by default until its steps are measured).
 """
 
 from __future__ import annotations
@@ -88,4 +89,3 @@ def attention_backward(q, k, v, do, kv_lengths, *, scale, warps=8, interpret=Fal
         name="short_attention_backward",
     )(*flat, kv_lengths.astype(jnp.int32))
     return tuple(g.reshape(q.shape) for g in grads)
-

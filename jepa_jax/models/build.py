@@ -48,6 +48,7 @@ def create(
     remat: bool = False,
     scan_layers: bool = False,
     fused_qkv: str = "auto",
+    short_attention_backward: str = "off",
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
@@ -64,7 +65,9 @@ def create(
         image_size=image_size or spec.image_size,
         pred_depth=pred_depth or spec.pred_depth,
         pred_dim=pred_dim,
-        attention=resolve_attention(size, pred_dim, attention, dtype),
+        attention=resolve_attention(
+            size, pred_dim, attention, dtype, short_attention_backward, jax.device_count()
+        ),
         fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
         dtype=dtype,
         residual_dtype=residual_dtype,
@@ -91,7 +94,12 @@ def from_config(
         pred_dim=model_config.pred_dim,
         attention=attention
         or resolve_attention(
-            size, model_config.pred_dim, model_config.attention, model_config.dtype
+            size,
+            model_config.pred_dim,
+            model_config.attention,
+            model_config.dtype,
+            attention_lib.short_backward_setting(model_config),
+            jax.device_count(),
         ),
         fused_qkv=fused_qkv
         or resolve_fused_qkv(
@@ -109,10 +117,24 @@ def from_config(
     )
 
 
-def resolve_attention(size: ViTSize, pred_dim: int, attention: str, dtype: str):
-    """Which attention implementation runs for these networks (raises for impossible cudnn)."""
+def resolve_attention(
+    size: ViTSize,
+    pred_dim: int,
+    attention: str,
+    dtype: str,
+    short_backward: str = "off",
+    num_devices: int = 1,
+):
+    """Which attention implementation runs for these networks, and whether its backward of short
+    sequences runs in the kernel (raises for an impossible cudnn or `on`)."""
     head_dims = (size.width // size.heads, pred_dim // size.heads)
-    return attention_lib.resolve(attention, dtype=jnp.dtype(dtype), head_dims=head_dims)
+    return attention_lib.resolve(
+        attention,
+        dtype=jnp.dtype(dtype),
+        head_dims=head_dims,
+        short_backward=short_backward,
+        num_devices=num_devices,
+    )
 
 
 def resolve_fused_qkv(
