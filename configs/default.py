@@ -58,8 +58,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.fused_qkv = "auto"
     # auto | on | off. With cuDNN attention on one GPU, the backward of sequences of at most 128
     # tokens (the context encoder's and the predictor's) runs in a Pallas kernel
-    # (jepa_jax.kernels.short_attention): 1.3-1.8x faster than cuDNN's alone, on an H200; off
-    # until its effect on whole steps is measured.
+    # (jepa_jax.kernels.short_attention): alone on an H200, cuDNN's forward with it ran 1.3-1.8x
+    # faster than cuDNN's forward and backward. Off until its effect on whole steps is measured.
     c.model.short_attention_backward = "off"
     # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
     # accumulation); the residual stream, LayerNorms, encoder output and targets use

@@ -14,10 +14,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "reference")
-SHORT_BACKWARD_SETTINGS = ("auto", "on", "off")
 # cuDNN's training kernels reject some sequence lengths (odd ones, seen on an H100); padding to a
 # multiple of 8 keeps every length the model produces legal and the tiles aligned.
 CUDNN_SEQ_MULTIPLE = 8
@@ -206,77 +204,18 @@ class Choice:
 
     @property
     def fn(self) -> AttentionFn:
+        """`name`'s function; cuDNN's with the kernel backward where `short_backward`."""
         return cudnn_attention_short_backward if self.short_backward else get(self.name)
 
 
-def resolve(
-    requested: str,
-    *,
-    dtype,
-    head_dims: tuple[int, ...],
-    short_backward: str = "off",
-    num_devices: int = 1,
-) -> Choice:
-    """Turn config values (`config.model.attention`, `.short_attention_backward`) into what
-    will run.
+def resolve(requested: str, *, dtype, head_dims: tuple[int, ...]) -> Choice:
+    """Turn a config value into the implementation that will run.
 
     `auto` picks cuDNN where it can run and otherwise the fastest correct path for the
     platform (the einsum reference: XLA's generic lowering is slower at ViT sizes). An explicit
-    `cudnn` that cannot run raises; it never silently changes. The same holds for the short
-    sequences' backward kernel: `auto` runs it where it can, `on` raises where it cannot.
+    `cudnn` that cannot run raises; it never silently changes. (Whether cuDNN's backward of short
+    sequences runs in a kernel is `kernels.resolve_short_backward`'s choice.)
     """
-    choice = _resolve_implementation(requested, dtype=dtype, head_dims=head_dims)
-    if short_backward not in SHORT_BACKWARD_SETTINGS:
-        raise ValueError(
-            f"config.model.short_attention_backward={short_backward!r}: choose one of "
-            f"{SHORT_BACKWARD_SETTINGS}"
-        )
-    if short_backward == "off":
-        return choice
-    reason = _short_backward_unavailable(choice.name, num_devices)
-    if reason and short_backward == "on":
-        raise AttentionUnavailableError(
-            f"config.model.short_attention_backward=on, but the kernel cannot run here: {reason}. "
-            "Use --config.model.short_attention_backward=auto (cuDNN's backward where it cannot "
-            "run) or off."
-        )
-    return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
-
-
-def short_backward_setting(model_config) -> str:
-    """`config.model.short_attention_backward`; configs saved before the field ran cuDNN's."""
-    return model_config.get("short_attention_backward", "off")
-
-
-def _short_backward_unavailable(name: str, num_devices: int) -> str | None:
-    if name != "cudnn":
-        return f"attention is {name}: the kernel replaces cuDNN's backward"
-    if num_devices > 1:
-        # XLA's partitioner cannot split a Pallas call: a sharded step would gather its inputs.
-        return f"{num_devices} devices: the kernel runs on one device only so far"
-    return _short_backward_self_check()
-
-
-@functools.cache
-def _short_backward_self_check() -> str | None:
-    """Run the kernel once on inputs with a known gradient (all ones: uniform probabilities, so
-    dq = dk = 0 and dv = 1), compiled ahead of time so that it also runs inside a trace."""
-    from jepa_jax.kernels import short_attention
-
-    x = np.ones((1, 16, 1, 16), jnp.bfloat16)
-    lengths = np.full((1,), 16, np.int32)
-    try:
-        run = jax.jit(functools.partial(short_attention.attention_backward, scale=0.25))
-        dq, dk, dv = run.lower(x, x, x, x, lengths).compile()(x, x, x, x, lengths)
-        expected = ((dq, 0), (dk, 0), (dv, 1))  # exact in bf16
-        if not all(np.all(np.asarray(got) == value) for got, value in expected):
-            return "the kernel computed a wrong gradient in its startup check"
-    except Exception as e:  # any failure to lower, compile or run means: use cuDNN's
-        return f"the kernel failed its startup check ({type(e).__name__}: {str(e)[:200]})"
-    return None
-
-
-def _resolve_implementation(requested: str, *, dtype, head_dims: tuple[int, ...]) -> Choice:
     if requested not in IMPLEMENTATIONS:
         raise ValueError(
             f"config.model.attention={requested!r}: unknown; choose one of {IMPLEMENTATIONS}"
@@ -306,7 +245,7 @@ def describe(choice: Choice, layers: dict[str, int]) -> str:
     if choice.short_backward:
         line += "; the backward of sequences up to 128 tokens in a Pallas kernel"
     elif choice.short_backward_reason:
-        line += f"; cuDNN's backward for short sequences ({choice.short_backward_reason})"
+        line += f"; short-sequence backward kernel off ({choice.short_backward_reason})"
     return line
 
 

@@ -5,7 +5,7 @@ and `models.vit.patch_grid` own and this calls. Modules downstream trust a valid
 from __future__ import annotations
 
 from jepa_jax import kernels, masks
-from jepa_jax.attention import IMPLEMENTATIONS, SHORT_BACKWARD_SETTINGS, short_backward_setting
+from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
 from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
@@ -29,20 +29,14 @@ def validate(config) -> None:
         m.attention,
         f"choose one of {list(IMPLEMENTATIONS)}",
     )
-    fused = kernels.setting(m)
-    _require(
-        fused in kernels.SETTINGS,
-        "model.fused_qkv",
-        fused,
-        f"choose one of {list(kernels.SETTINGS)}",
-    )
-    short_backward = short_backward_setting(m)
-    _require(
-        short_backward in SHORT_BACKWARD_SETTINGS,
-        "model.short_attention_backward",
-        short_backward,
-        f"choose one of {list(SHORT_BACKWARD_SETTINGS)}",
-    )
+    for field in ("fused_qkv", "short_attention_backward"):
+        value = kernels.setting(m, field)
+        _require(
+            value in kernels.SETTINGS,
+            f"model.{field}",
+            value,
+            f"choose one of {list(kernels.SETTINGS)}",
+        )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
     depth = m.get("depth", -1)  # absent in configs saved before the field

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jepa_jax import attention as attention_lib
 from jepa_jax import checkpoint, data, evaluate, kernels, models, objective, optim, sharding
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
@@ -77,10 +76,12 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
         m.pred_dim,
         m.attention,
         m.dtype,
-        attention_lib.short_backward_setting(m),
+        kernels.setting(m, "short_attention_backward"),
         mesh.size,
     )
-    fused = models.resolve_fused_qkv(size, m.pred_dim, kernels.setting(m), m.dtype, mesh.size)
+    fused = models.resolve_fused_qkv(
+        size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size
+    )
 
     def create_networks():
         ijepa = models.from_config(m, seed=config.seed, attention=choice, fused_qkv=fused)

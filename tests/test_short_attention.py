@@ -10,12 +10,13 @@ import pytest
 
 from configs.default import get_config
 from jepa_jax import attention as A
-from jepa_jax import configuration, models
+from jepa_jax import configuration, kernels, models, sharding, trainer
 from jepa_jax.attention import reference_attention
 from jepa_jax.evaluate import features
 from jepa_jax.kernels import short_attention
 
 ON_GPU = jax.default_backend() == "gpu"
+vit_size = models.encoder_size(get_config("tiny").model)
 
 
 def rel_err(x, ref):
@@ -66,23 +67,21 @@ def test_compiled_backward_at_the_step_shapes(batch, tokens, head_dim):
 
 # --- the kernel as cuDNN attention's backward: choice, startup line, gradients ---
 
-WIDTHS = dict(dtype=jnp.bfloat16, head_dims=(64,))
+CUDNN = A.Choice("auto", "cudnn")
 
 
 @pytest.fixture
-def cudnn_here(monkeypatch):
-    """Pretend cuDNN and the kernel run here (one H100), to test the choice on any machine."""
-    monkeypatch.setattr(A, "_cudnn_probe", lambda: None)
-    monkeypatch.setattr(A, "gpu_compute_capability", lambda: (9, 0))
-    monkeypatch.setattr(A, "_short_backward_self_check", lambda: None)
+def kernel_here(monkeypatch):
+    """Pretend the kernel passed its startup check here, to test the choice on any machine."""
+    monkeypatch.setattr(kernels, "_short_backward_check", lambda: None)
 
 
 def test_off_by_default_and_bad_settings_are_refused():
-    choice = A.resolve("xla", dtype=jnp.float32, head_dims=(64,))
-    assert not choice.short_backward and choice.fn is A.xla_attention
-    assert A.short_backward_setting({}) == "off"  # configs saved before the field
+    assert kernels.resolve_short_backward("off", CUDNN, 1) is CUDNN
+    assert kernels.setting({}, "short_attention_backward") == "off"  # configs before the field
+    assert not CUDNN.short_backward and CUDNN.fn is A.cudnn_attention
     with pytest.raises(ValueError, match="short_attention_backward='yes'"):
-        A.resolve("xla", short_backward="yes", **WIDTHS)
+        kernels.resolve_short_backward("yes", CUDNN, 1)
     config = get_config("tiny")
     config.model.short_attention_backward = "yes"
     with pytest.raises(ValueError, match="model.short_attention_backward"):
@@ -90,24 +89,41 @@ def test_off_by_default_and_bad_settings_are_refused():
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_auto_runs_the_kernel_with_cudnn_on_one_device(cudnn_here, devices):
-    choice = A.resolve("auto", short_backward="auto", num_devices=devices, **WIDTHS)
-    assert choice.name == "cudnn" and choice.short_backward == (devices == 1)
+def test_auto_runs_the_kernel_with_cudnn_on_one_device(kernel_here, devices):
+    choice = kernels.resolve_short_backward("auto", CUDNN, devices)
+    assert choice.short_backward == (devices == 1)
     line = A.describe(choice, {"encoder": 12, "predictor": 6})
     if devices == 1:
         assert choice.fn is A.cudnn_attention_short_backward and "in a Pallas kernel" in line
     else:
-        assert choice.fn is A.cudnn_attention and "2 devices" in line
-    with pytest.raises(A.AttentionUnavailableError, match="short_attention_backward=auto"):
-        A.resolve("xla", short_backward="on", **WIDTHS)  # the kernel replaces cuDNN's backward
+        assert choice.fn is A.cudnn_attention and "kernel off (2 devices" in line
+    with pytest.raises(kernels.KernelUnavailableError, match="short_attention_backward=auto"):
+        kernels.resolve_short_backward("on", A.Choice("xla", "xla"), 1)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_the_trainer_asks_for_it_with_its_mesh_size(monkeypatch, kernel_here, devices):
+    """`trainer.build` passes the setting and its mesh's size; cuDNN is faked (nothing runs it:
+    build only creates the state)."""
+    monkeypatch.setattr(A, "resolve", lambda name, dtype, head_dims: CUDNN)
+    config = get_config("tiny")
+    config.model.short_attention_backward = "auto"
+    config.mesh.data = devices
+    net, _, _ = trainer.build(config, sharding.make_mesh(config.mesh, jax.devices()[:devices]))
+    assert net.attention.short_backward == (devices == 1)
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
 def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
-    choice = A.resolve("auto", short_backward="auto", **WIDTHS)
+    choice = models.resolve_attention(vit_size, 384, "auto", "bfloat16", "auto", 1)
     assert not choice.short_backward and "attention is reference" in choice.short_backward_reason
-    with pytest.raises(A.AttentionUnavailableError, match="short_attention_backward=on, but"):
-        A.resolve("auto", short_backward="on", **WIDTHS)
+    assert "short-sequence backward kernel off (attention is reference" in A.describe(
+        choice, {"encoder": 1}
+    )
+    with pytest.raises(kernels.KernelUnavailableError, match="short_attention_backward=on, but"):
+        models.resolve_attention(vit_size, 384, "auto", "bfloat16", "on", 1)
+    # The startup check itself fails cleanly where Triton cannot compile.
+    assert "failed its startup check" in kernels._short_backward_check.__wrapped__()
 
 
 @pytest.mark.parametrize("tokens,with_lengths", [(13, True), (16, False), (130, True)])
@@ -158,7 +174,7 @@ def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with
 def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
     """At H/14's context and predictor lengths (padded to 72 and 128 inside), against cuDNN's
     own backward."""
-    assert A._short_backward_self_check() is None
+    assert kernels._short_backward_check() is None  # the startup check passes here
     keys = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 5)
     q, k, v, g = (
         jax.random.normal(key, (32, tokens, 16, head_dim), jnp.bfloat16) for key in keys[:4]
@@ -177,12 +193,6 @@ def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
         grads(A.cudnn_attention_short_backward), grads(A.cudnn_attention), strict=True
     ):
         assert rel_err(got, want) < 1e-2
-
-
-@pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
-def test_the_startup_check_fails_cleanly_where_triton_cannot_compile():
-    A._short_backward_self_check.cache_clear()
-    assert "failed its startup check" in A._short_backward_self_check()
 
 
 def test_a_run_saved_with_the_kernel_on_evaluates_anywhere():

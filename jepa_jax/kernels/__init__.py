@@ -1,9 +1,12 @@
 """Custom GPU kernels, and whether they run here.
 
-`dense`: a Linear layer whose matmul writes its column blocks (q, k, v) as separate arrays, a
-Pallas Mosaic GPU kernel for Hopper. `config.model.fused_qkv` picks: "auto" runs it where it can
-and XLA elsewhere, "on" insists (one clear error where it cannot run), "off" never runs it.
-Parameters never depend on the choice.
+- `dense`: a Linear layer whose matmul writes its column blocks (q, k, v) as separate arrays, a
+  Pallas Mosaic GPU kernel for Hopper (`config.model.fused_qkv`).
+- `short_attention`: attention's backward for sequences of at most 128 tokens, a Pallas Triton
+  kernel that replaces cuDNN's (`config.model.short_attention_backward`).
+
+Each setting is "auto" (the kernel where it can run, XLA's or cuDNN's path elsewhere), "on"
+(one clear error where it cannot run) or "off". Parameters never depend on the choice.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jepa_jax.attention import gpu_compute_capability
-from jepa_jax.kernels import dense
+from jepa_jax.attention import Choice, gpu_compute_capability, reference_attention
+from jepa_jax.kernels import dense, short_attention
 
 SETTINGS = ("auto", "on", "off")
 
@@ -25,9 +28,10 @@ class KernelUnavailableError(RuntimeError):
     """A kernel was asked for explicitly (`on`) but cannot run here."""
 
 
-def setting(model_config) -> str:
-    """`config.model.fused_qkv`; configs saved before the field ran XLA's path (`off`)."""
-    return model_config.get("fused_qkv", "off")
+def setting(model_config, field: str) -> str:
+    """`config.model.<field>` (fused_qkv, short_attention_backward); configs saved before the
+    field ran without the kernel (`off`)."""
+    return model_config.get(field, "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,26 +64,39 @@ def unavailable_reason(dtype, num_devices: int) -> str | None:
         return f"GPU compute capability {major}.{minor}: the kernel is written for Hopper (9.0)"
     if jnp.dtype(dtype) != jnp.bfloat16:
         return f"compute dtype {jnp.dtype(dtype).name}: the kernel takes bfloat16"
+    return _one_device_reason(num_devices) or _self_check()
+
+
+def _one_device_reason(num_devices: int) -> str | None:
     if num_devices > 1:
         # XLA's partitioner cannot split a Pallas call: a sharded step would gather its inputs.
         return f"{num_devices} devices: the kernel runs on one device only so far"
-    return _self_check()
+    return None
+
+
+def _startup_check(kernel, args, expected, tolerance: float) -> str | None:
+    """Run `kernel(*args)` once and compare its outputs with `expected`, so that a jax whose
+    Pallas API has moved falls back at startup instead of failing in the first step. Compiled
+    ahead of time and called on NumPy arrays, it runs even when first asked inside a trace."""
+    try:
+        outs = jax.jit(kernel).lower(*args).compile()(*args)
+        if not all(
+            np.allclose(np.asarray(o, np.float32), e, rtol=tolerance, atol=tolerance)
+            for o, e in zip(outs, expected, strict=True)
+        ):
+            return "the kernel computed a wrong result in its startup check"
+    except Exception as e:  # any failure to lower, compile or run means: do without it
+        return f"the kernel failed its startup check ({type(e).__name__}: {str(e)[:200]})"
+    return None
 
 
 @functools.cache
 def _self_check() -> str | None:
-    """Run the kernel once on a small input with a known result, so that a jax whose Mosaic GPU
-    API has moved falls back to XLA at startup instead of failing in the first step. Compiled
-    ahead of time and called on NumPy arrays, it runs even when first asked inside a trace."""
+    """The q/k/v kernel on ones: every output 256 + 2, exact in bf16."""
     x, w = np.ones((128, 256), jnp.bfloat16), np.ones((256, 384), jnp.bfloat16)
     b = np.full((384,), 2.0, np.float32)
-    try:
-        run = jax.jit(functools.partial(dense.dense_split, splits=3)).lower(x, w, b).compile()
-        if not all(np.all(np.asarray(o) == 258) for o in run(x, w, b)):  # 256 + 2, exact in bf16
-            return "the kernel computed a wrong result in its startup check"
-    except Exception as e:  # any failure to lower, compile or run means: use XLA
-        return f"the kernel failed its startup check ({type(e).__name__}: {str(e)[:200]})"
-    return None
+    kernel = functools.partial(dense.dense_split, splits=3)
+    return _startup_check(kernel, (x, w, b), [np.full((128, 128), 258.0)] * 3, tolerance=0)
 
 
 def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) -> FusedQKV:
@@ -103,3 +120,39 @@ def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) ->
             "Use --config.model.fused_qkv=auto (XLA where it cannot run) or off."
         )
     return FusedQKV(setting, reason is None, reason, tiled if reason is None else ())
+
+
+def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Choice:
+    """`choice` with cuDNN's backward of short sequences in `short_attention`'s kernel where
+    `config.model.short_attention_backward` asks for it and it can run; raises
+    KernelUnavailableError for an `on` that cannot, naming the cause and the fix."""
+    if setting not in SETTINGS:
+        raise ValueError(f"short_attention_backward={setting!r}: choose one of {SETTINGS}")
+    if setting == "off":
+        return choice
+    if choice.name != "cudnn":
+        reason = f"attention is {choice.name}: the kernel replaces cuDNN's backward"
+    else:
+        reason = _one_device_reason(num_devices) or _short_backward_check()
+    if reason and setting == "on":
+        raise KernelUnavailableError(
+            f"config.model.short_attention_backward=on, but the kernel cannot run here: "
+            f"{reason}. Use --config.model.short_attention_backward=auto (cuDNN's backward where "
+            "it cannot run) or off."
+        )
+    return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
+
+
+@functools.cache
+def _short_backward_check() -> str | None:
+    """The backward kernel on fixed random inputs (16 tokens, keys masked past 11 in one
+    sequence), against autodiff of the float32 reference attention."""
+    rng = np.random.default_rng(0)
+    q, k, v, do = (rng.standard_normal((2, 16, 2, 16)).astype(jnp.bfloat16) for _ in range(4))
+    lengths = np.array([11, 16], np.int32)
+    with jax.ensure_compile_time_eval():  # concrete even when first asked inside a trace
+        f32 = [jnp.asarray(a, jnp.float32) for a in (q, k, v, do)]
+        _, vjp = jax.vjp(lambda *a: reference_attention(*a, kv_lengths=lengths), *f32[:3])
+        expected = [np.asarray(g) for g in vjp(f32[3])]
+    kernel = functools.partial(short_attention.attention_backward, scale=0.25)
+    return _startup_check(kernel, (q, k, v, do, lengths), expected, tolerance=2e-2)

@@ -5,10 +5,10 @@ I-JEPA's context encoder (72 tokens at ViT-H/14) and predictor (128) run attenti
 sequences, where cuDNN's flash backward, built for long ones, takes 3-4x the time its bytes need
 (BENCHMARKS.md). With every key in one tile, the backward needs no saved softmax statistics, no
 separate pass for rowsum(dO * O) and no float32 dq accumulator: each program recomputes the
-probabilities from q and k, and writes dq, dk and dv once. On an H200 at ViT-H/14's shapes it
-took 0.173 ms where cuDNN's backward took 0.304 (context) and 0.601 where cuDNN took 0.808
-(predictor), both with cuDNN's forward; a one-tile forward was no faster than cuDNN's
-(BENCHMARKS.md). The model runs it as `attention.cudnn_attention_short_backward` where
+probabilities from q and k, and writes dq, dk and dv once. On an H200 at ViT-H/14's shapes,
+cuDNN's forward with this backward took 0.173 ms where cuDNN's forward and backward took 0.304
+(context), and 0.601 where they took 0.808 (predictor); a one-tile forward was no faster than
+cuDNN's (BENCHMARKS.md). The model runs it as `attention.cudnn_attention_short_backward` where
 `config.model.short_attention_backward` asks for it (off by default until its steps are measured).
 """
 
@@ -53,7 +53,7 @@ def _kernel(
     keys = jnp.arange(_next_power_of_two(tokens))
     length = plgpu.load(len_ref.at[pl.program_id(0)])
     logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(keys[None, :] < length, logits, -jnp.inf)
+    logits = jnp.where(keys[None, :] < length, logits, jnp.finfo(jnp.float32).min)
     p = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
     p = p / jnp.sum(p, axis=1, keepdims=True)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)

@@ -98,14 +98,14 @@ def from_config(
             model_config.pred_dim,
             model_config.attention,
             model_config.dtype,
-            attention_lib.short_backward_setting(model_config),
+            kernels.setting(model_config, "short_attention_backward"),
             jax.device_count(),
         ),
         fused_qkv=fused_qkv
         or resolve_fused_qkv(
             size,
             model_config.pred_dim,
-            kernels.setting(model_config),
+            kernels.setting(model_config, "fused_qkv"),
             model_config.dtype,
             jax.device_count(),
         ),
@@ -128,13 +128,8 @@ def resolve_attention(
     """Which attention implementation runs for these networks, and whether its backward of short
     sequences runs in the kernel (raises for an impossible cudnn or `on`)."""
     head_dims = (size.width // size.heads, pred_dim // size.heads)
-    return attention_lib.resolve(
-        attention,
-        dtype=jnp.dtype(dtype),
-        head_dims=head_dims,
-        short_backward=short_backward,
-        num_devices=num_devices,
-    )
+    choice = attention_lib.resolve(attention, dtype=jnp.dtype(dtype), head_dims=head_dims)
+    return kernels.resolve_short_backward(short_backward, choice, num_devices)
 
 
 def resolve_fused_qkv(
