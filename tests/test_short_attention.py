@@ -122,8 +122,12 @@ def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
     )
     with pytest.raises(kernels.KernelUnavailableError, match="short_attention_backward=on, but"):
         models.resolve_attention(vit_size, 384, "auto", "bfloat16", "on", 1)
-    # The startup check itself fails cleanly where Triton cannot compile.
+    # The startup check itself fails cleanly where Triton cannot compile, also when first asked
+    # inside a trace (its float32 reference is computed concretely even there).
     assert "failed its startup check" in kernels._short_backward_check.__wrapped__()
+    inside = []
+    jax.eval_shape(lambda x: inside.append(kernels._short_backward_check.__wrapped__()) or x, 0.0)
+    assert "failed its startup check" in inside[0]
 
 
 @pytest.mark.parametrize("tokens,with_lengths", [(13, True), (16, False), (130, True)])
