@@ -34,6 +34,19 @@ def setting(model_config, field: str) -> str:
     return model_config.get(field, "off")
 
 
+def _check_setting(field: str, setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ValueError(f"{field}={setting!r}: choose one of {SETTINGS}")
+
+
+def _unavailable(field: str, kernel: str, reason: str, fallback: str) -> KernelUnavailableError:
+    """The error for `config.model.<field>=on` where `kernel` cannot run: the cause, the fix."""
+    return KernelUnavailableError(
+        f"config.model.{field}=on, but {kernel} cannot run here: {reason}. "
+        f"Use --config.model.{field}=auto ({fallback} where it cannot run) or off."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedQKV:
     """Whether the q/k/v kernel runs (`on`) for what was asked, in which networks (those whose
@@ -102,8 +115,7 @@ def _self_check() -> str | None:
 def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) -> FusedQKV:
     """What `config.model.fused_qkv` means here, for networks of these attention widths; raises
     KernelUnavailableError for an `on` that cannot run, naming the cause and the fix."""
-    if setting not in SETTINGS:
-        raise ValueError(f"fused_qkv={setting!r}: choose one of {SETTINGS}")
+    _check_setting("fused_qkv", setting)
     if setting == "off":
         return FusedQKV(setting, False, "config.model.fused_qkv=off")
     tiled = tuple(name for name, width in widths.items() if dense.width_tiles(width))
@@ -115,10 +127,7 @@ def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) ->
             "1280, ...: kernels.dense.tiling_for)"
         )
     if reason and setting == "on":
-        raise KernelUnavailableError(
-            f"config.model.fused_qkv=on, but the q/k/v kernel cannot run here: {reason}. "
-            "Use --config.model.fused_qkv=auto (XLA where it cannot run) or off."
-        )
+        raise _unavailable("fused_qkv", "the q/k/v kernel", reason, "XLA")
     return FusedQKV(setting, reason is None, reason, tiled if reason is None else ())
 
 
@@ -126,8 +135,7 @@ def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Ch
     """`choice` with cuDNN's backward of short sequences in `short_attention`'s kernel where
     `config.model.short_attention_backward` asks for it and it can run; raises
     KernelUnavailableError for an `on` that cannot, naming the cause and the fix."""
-    if setting not in SETTINGS:
-        raise ValueError(f"short_attention_backward={setting!r}: choose one of {SETTINGS}")
+    _check_setting("short_attention_backward", setting)
     if setting == "off":
         return choice
     if choice.name != "cudnn":
@@ -135,11 +143,7 @@ def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Ch
     else:
         reason = _one_device_reason(num_devices) or _short_backward_check()
     if reason and setting == "on":
-        raise KernelUnavailableError(
-            f"config.model.short_attention_backward=on, but the kernel cannot run here: "
-            f"{reason}. Use --config.model.short_attention_backward=auto (cuDNN's backward where "
-            "it cannot run) or off."
-        )
+        raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
     return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
 
 
