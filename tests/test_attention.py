@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import rel_err
 
 from jepa_jax import attention as A
 
@@ -11,12 +12,6 @@ from jepa_jax import attention as A
 def _qkv(seed, b, t, n, h, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(seed), 3)
     return [jax.random.normal(k, (b, t, n, h), jnp.float32).astype(dtype) for k in keys]
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert not np.isnan(x).any(), "NaN never passes"
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
 
 
 def _lengths(seed, b, t):

@@ -4,27 +4,15 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
+from numerics import fresh_key, rel_err
 
 from jepa_jax import attention, kernels
 from jepa_jax.kernels import dense
 from jepa_jax.models import layers, vit
 
 ON_GPU = jax.default_backend() == "gpu"
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert not np.isnan(x).any(), "NaN never passes"
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
-def _fresh_key():
-    seed = np.random.SeedSequence().entropy % 2**31
-    print(f"seed {seed}")  # shown with a failure, to reproduce it
-    return jax.random.key(seed)
 
 
 # The kernel's own tests need a GPU it runs on (Hopper, the startup check passed).
@@ -168,7 +156,7 @@ def test_fused_qkv_matches_autodiff_of_the_plain_layer(monkeypatch):
         return dense.reference(*args, **kw)
 
     monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
-    key = _fresh_key()
+    key = fresh_key()
     linear, x = _layer_and_input(key, 256, 768, rows=256)
     got, got_grads = _values_and_grads(_qkv(True), linear, x, key)
     assert calls == [3, 3]  # the fused path ran (forward, and the forward the gradient takes)
@@ -196,7 +184,7 @@ def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_l
         return dense.reference(*args, **kw)
 
     monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
-    key = _fresh_key()
+    key = fresh_key()
     batch, tokens, dim = 16, 13, 256
     x = jax.random.normal(key, (batch, tokens, dim))
     lengths = jax.random.randint(key, (batch,), 1, tokens + 1) if with_lengths else None
@@ -237,7 +225,7 @@ def test_kernel_matches_a_float32_reference(k, n_out):
     m, n = 67 * 128, 3 * n_out
     assert dense.tiling_for(m, k, n_out) is not None  # else this would test nothing
     for _ in range(2):  # fresh inputs again: a tile left unwritten would keep the old values
-        kx, kw, kb = jax.random.split(_fresh_key(), 3)
+        kx, kw, kb = jax.random.split(fresh_key(), 3)
         x = jax.random.normal(kx, (m, k), jnp.bfloat16)
         w = (jax.random.normal(kw, (k, n)) * k**-0.5).astype(jnp.bfloat16)
         b = jax.random.normal(kb, (n,)) * 0.5
@@ -254,7 +242,7 @@ def test_kernel_matches_a_float32_reference(k, n_out):
 @pytest.mark.gpu
 @needs_the_kernel
 def test_fused_qkv_matches_the_plain_layer_on_gpu():
-    key = _fresh_key()
+    key = fresh_key()
     linear, x = _layer_and_input(key, 256, 768, rows=512)
     assert dense.tiling_for(512, 256, 256) is not None  # the kernel, not XLA, runs
     got, got_grads = _values_and_grads(_qkv(True), linear, x, key)

@@ -5,8 +5,8 @@ compiles it with Triton at ViT-H/14's context and predictor shapes."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from numerics import fresh_key, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention as A
@@ -19,16 +19,17 @@ ON_GPU = jax.default_backend() == "gpu"
 vit_size = models.encoder_size(get_config("tiny").model)
 
 
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    assert not np.isnan(x).any(), "NaN never passes"
-    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+def _grads(fn, q, k, v, g, lengths):
+    """Gradients for q, k, v of <fn(q, k, v), g>, in float32."""
+
+    def loss(q, k, v):
+        return jnp.vdot(fn(q, k, v, kv_lengths=lengths).astype(jnp.float32), g.astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
 def _check(batch, tokens, heads, head_dim, interpret):
-    seed = np.random.SeedSequence().entropy % 2**31
-    print(f"seed {seed}")  # shown with a failure, to reproduce it
-    keys = jax.random.split(jax.random.key(seed), 5)
+    keys = jax.random.split(fresh_key(), 5)
     q, k, v, do = (jax.random.normal(key, (batch, tokens, heads, head_dim)) for key in keys[:4])
     q, k, v, do = (a.astype(jnp.bfloat16).astype(jnp.float32) for a in (q, k, v, do))
     lengths = jax.random.randint(keys[4], (batch,), 1, tokens + 1)
@@ -145,26 +146,12 @@ def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with
         return kernel(*args, **kw, interpret=not ON_GPU)
 
     monkeypatch.setattr(short_attention, "attention_backward", counted)
-    seed = np.random.SeedSequence().entropy % 2**31
-    print(f"seed {seed}")
-    keys = jax.random.split(jax.random.key(seed), 5)
+    keys = jax.random.split(fresh_key(), 5)
     q, k, v, g = (jax.random.normal(key, (2, tokens, 2, 24), jnp.bfloat16) for key in keys[:4])
     lengths = jax.random.randint(keys[4], (2,), 1, tokens + 1) if with_lengths else None
-
-    def grads(fn):
-        def loss(q, k, v):
-            return jnp.vdot(
-                fn(q, k, v, kv_lengths=lengths).astype(jnp.float32), g.astype(jnp.float32)
-            )
-
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    got = grads(A.cudnn_attention_short_backward)
+    got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-    want = jax.grad(
-        lambda *a: jnp.vdot(A.reference_attention(*a, kv_lengths=lengths), g.astype(jnp.float32)),
-        argnums=(0, 1, 2),
-    )(*f32)
+    want = _grads(A.reference_attention, *f32, g, lengths)
     padded = -(-tokens // 8) * 8
     assert A.seq_multiple(A.cudnn_attention_short_backward) == 8  # padded as cuDNN's
     assert calls == ([] if padded > 128 else [(2, padded, 2, 24)])
@@ -179,24 +166,14 @@ def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
     """At H/14's context and predictor lengths (padded to 72 and 128 inside), against cuDNN's
     own backward."""
     assert kernels._short_backward_check() is None  # the startup check passes here
-    keys = jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 5)
+    keys = jax.random.split(fresh_key(), 5)
     q, k, v, g = (
         jax.random.normal(key, (32, tokens, 16, head_dim), jnp.bfloat16) for key in keys[:4]
     )
     lengths = jax.random.randint(keys[4], (32,), tokens // 2, tokens + 1)
-
-    def grads(fn):
-        def loss(q, k, v):
-            return jnp.vdot(
-                fn(q, k, v, kv_lengths=lengths).astype(jnp.float32), g.astype(jnp.float32)
-            )
-
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-    for got, want in zip(
-        grads(A.cudnn_attention_short_backward), grads(A.cudnn_attention), strict=True
-    ):
-        assert rel_err(got, want) < 1e-2
+    got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
+    for got_, want in zip(got, _grads(A.cudnn_attention, q, k, v, g, lengths), strict=True):
+        assert rel_err(got_, want) < 1e-2
 
 
 def test_a_run_saved_with_the_kernel_on_evaluates_anywhere():
