@@ -144,6 +144,8 @@ def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Ch
         reason = _one_device_reason(num_devices) or _short_backward_check()
     if reason and setting == "on":
         raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
+    if choice.name != "cudnn":
+        return choice  # the Attention line already says cuDNN does not run
     return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
 
 

@@ -48,7 +48,7 @@ def create(
     remat: bool = False,
     scan_layers: bool = False,
     fused_qkv: str = "auto",
-    short_attention_backward: str = "off",
+    short_attention_backward: str = "auto",
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
