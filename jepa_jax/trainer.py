@@ -76,8 +76,8 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
         m.pred_dim,
         m.attention,
         m.dtype,
-        kernels.setting(m, "short_attention_backward"),
-        mesh.size,
+        short_backward=kernels.setting(m, "short_attention_backward"),
+        num_devices=mesh.size,
     )
     fused = models.resolve_fused_qkv(
         size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size

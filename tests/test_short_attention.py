@@ -117,11 +117,11 @@ def test_the_trainer_asks_for_it_with_its_mesh_size(monkeypatch, kernel_here, de
 
 @pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
 def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
-    choice = models.resolve_attention(vit_size, 384, "auto", "bfloat16", "auto", 1)
+    choice = models.resolve_attention(vit_size, 384, "auto", "bfloat16", short_backward="auto")
     assert not choice.short_backward and choice.short_backward_reason is None
     assert "short-sequence" not in A.describe(choice, {"encoder": 1})  # no cuDNN, nothing to say
     with pytest.raises(kernels.KernelUnavailableError, match="short_attention_backward=on, but"):
-        models.resolve_attention(vit_size, 384, "auto", "bfloat16", "on", 1)
+        models.resolve_attention(vit_size, 384, "auto", "bfloat16", short_backward="on")
     # The startup check itself fails cleanly where Triton cannot compile, also when first asked
     # inside a trace (its float32 reference is computed concretely even there).
     assert "failed its startup check" in kernels._short_backward_check.__wrapped__()

@@ -66,7 +66,12 @@ def create(
         pred_depth=pred_depth or spec.pred_depth,
         pred_dim=pred_dim,
         attention=resolve_attention(
-            size, pred_dim, attention, dtype, short_attention_backward, jax.device_count()
+            size,
+            pred_dim,
+            attention,
+            dtype,
+            short_backward=short_attention_backward,
+            num_devices=jax.device_count(),
         ),
         fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
         dtype=dtype,
@@ -98,8 +103,8 @@ def from_config(
             model_config.pred_dim,
             model_config.attention,
             model_config.dtype,
-            kernels.setting(model_config, "short_attention_backward"),
-            jax.device_count(),
+            short_backward=kernels.setting(model_config, "short_attention_backward"),
+            num_devices=jax.device_count(),
         ),
         fused_qkv=fused_qkv
         or resolve_fused_qkv(
@@ -122,6 +127,7 @@ def resolve_attention(
     pred_dim: int,
     attention: str,
     dtype: str,
+    *,
     short_backward: str = "off",
     num_devices: int = 1,
 ):
