@@ -139,13 +139,13 @@ def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Ch
     if setting == "off":
         return choice
     if choice.name != "cudnn":
-        reason = f"attention is {choice.name}: the kernel replaces cuDNN's backward"
-    else:
-        reason = _one_device_reason(num_devices) or _short_backward_check()
+        if setting == "on":
+            reason = f"attention is {choice.name}: the kernel replaces cuDNN's backward"
+            raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
+        return choice  # auto: the Attention line already says cuDNN does not run
+    reason = _one_device_reason(num_devices) or _short_backward_check()
     if reason and setting == "on":
         raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
-    if choice.name != "cudnn":
-        return choice  # the Attention line already says cuDNN does not run
     return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
 
 

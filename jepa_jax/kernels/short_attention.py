@@ -27,13 +27,11 @@ def _next_power_of_two(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _slab(tokens, head_dim):
-    """This program's [tokens, head_dim] slab of arrays flattened to [batch * tokens, heads *
-    head_dim], padded to powers of two: (indices, mask, load)."""
-    from jax.experimental import pallas as pl
+def _slab(b, h, tokens, head_dim):
+    """Sequence b's head h, a [tokens, head_dim] slab of arrays flattened to [batch * tokens,
+    heads * head_dim], padded to powers of two: (indices, mask, load)."""
     from jax.experimental.pallas import triton as plgpu
 
-    h, b = pl.program_id(0), pl.program_id(1)
     t = jnp.arange(_next_power_of_two(tokens))
     d = jnp.arange(_next_power_of_two(head_dim))
     mask = (t[:, None] < tokens) & (d[None, :] < head_dim)
@@ -47,12 +45,13 @@ def _kernel(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    at, mask, load = _slab(tokens, head_dim)
+    h, b = pl.program_id(0), pl.program_id(1)  # the grid's order: see attention_backward
+    at, mask, load = _slab(b, h, tokens, head_dim)
     q, k, v, do = load(q_ref), load(k_ref), load(v_ref), load(do_ref)
     # Every key is in this tile, so the probabilities are recomputed exactly, not from saved
     # statistics.
     keys = jnp.arange(_next_power_of_two(tokens))
-    length = plgpu.load(len_ref.at[pl.program_id(1)])
+    length = plgpu.load(len_ref.at[b])
     logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(keys[None, :] < length, logits, jnp.finfo(jnp.float32).min)
     p = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
