@@ -240,7 +240,7 @@ def describe(choice: Choice, layers: dict[str, int]) -> str:
     total = sum(layers.values())
     parts = ", ".join(f"{k} {v}" for k, v in layers.items())
     line = f"Attention: {choice.name} in {total} attention layers ({parts})"
-    if choice.name != choice.requested:
+    if choice.reason:  # auto fell back: say from what, and why
         line += f"; requested {choice.requested}, {choice.reason}"
     if choice.short_backward:
         line += "; the backward of sequences up to 128 tokens in a Pallas kernel"

@@ -95,6 +95,7 @@ def test_auto_runs_the_kernel_with_cudnn_on_one_device(kernel_here, devices):
     choice = kernels.resolve_short_backward("auto", CUDNN, devices)
     assert choice.short_backward == (devices == 1)
     line = A.describe(choice, {"encoder": 12, "predictor": 6})
+    assert "requested" not in line  # auto chose cuDNN: nothing fell back
     if devices == 1:
         assert choice.fn is A.cudnn_attention_short_backward and "in a Pallas kernel" in line
     else:
