@@ -23,6 +23,7 @@ class Networks:
     """The static half of the models (structure + attention fn); params travel separately."""
 
     encoder: nnx.GraphDef
+    target_encoder: nnx.GraphDef  # the encoder's, or its FP8 copy (models.fp8)
     predictor: nnx.GraphDef
     attention: attention_lib.Choice
     layer_counts: dict
@@ -32,7 +33,7 @@ class Networks:
 def target_features(net: Networks, target_params, images: jax.Array, target_idx) -> jax.Array:
     """[B, M, Kt, D] float32 targets: the EMA encoder on the full normalised images, LayerNorm
     without affine (eps 1e-5), gathered at the target blocks' tokens."""
-    h = nnx.merge(net.encoder, target_params)(images).astype(jnp.float32)
+    h = nnx.merge(net.target_encoder, target_params)(images).astype(jnp.float32)
     mean = h.mean(-1, keepdims=True)
     h = (h - mean) * jax.lax.rsqrt(h.var(-1, keepdims=True) + TARGET_LN_EPS)
     b, m, kt = target_idx.shape

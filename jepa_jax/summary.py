@@ -66,6 +66,11 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
     every = config.checkpoint_every
     saves = f"every {every} steps and at the end" if every else "at the end"
     ckpt_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    fp8 = (
+        ["FP8: the target encoder's block matmuls on e4m3 operands (config.model.fp8=target)"]
+        if config.model.get("fp8", "off") == "target"
+        else []
+    )
     return [
         f"Devices: {mesh.size} x {mesh.devices.flat[0].device_kind} ({procs} process"
         f"{'es' if procs > 1 else ''}), mesh {mesh_shape}; batch {config.batch_size} global, "
@@ -76,6 +81,7 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
         f"{_millions(count_params(state.target))} (EMA copy of the encoder, not trained)",
         attention.startup_line(net.attention, net.layer_counts),
         net.fused_qkv.describe(),
+        *fp8,
         f"Checkpoints: {ckpt_dir} ({saves}, keeping {config.keep_checkpoints})",
         f"Logs: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: "
         + tensorboard_command(workdir),

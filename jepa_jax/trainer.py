@@ -106,7 +106,11 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state))
     state = jax.jit(init_state, out_shardings=shardings)()
     counts = models.layer_counts(encoder, predictor)
-    net = Networks(nnx.graphdef(encoder), nnx.graphdef(predictor), choice, counts, fused)
+    fp8 = m.get("fp8", "off") == "target"  # absent in configs saved before the field
+    target = models.with_fp8_matmuls(encoder) if fp8 else encoder
+    net = Networks(
+        nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor), choice, counts, fused
+    )
     return net, state, tx
 
 

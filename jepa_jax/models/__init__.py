@@ -14,6 +14,7 @@ from jepa_jax.models.build import (
     resolve_attention,
     resolve_fused_qkv,
 )
+from jepa_jax.models.fp8 import with_fp8_matmuls
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.pretrained import load_encoder
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
@@ -32,4 +33,5 @@ __all__ = [
     "load_encoder",
     "resolve_attention",
     "resolve_fused_qkv",
+    "with_fp8_matmuls",
 ]
