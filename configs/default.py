@@ -62,11 +62,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # backward; whole steps ran 3-4% faster at ViT-B/16 and 1.5% at ViT-H/14, with 0.35 and
     # 1.25 GiB less peak memory (BENCHMARKS.md).
     c.model.short_attention_backward = "auto"
-    # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, each
-    # scaled by its own absolute maximum (jepa_jax.models.fp8): FP8 GEMMs on Hopper and later,
-    # the same values emulated elsewhere. On an H200 ViT-H/14's step ran 3.9% faster, ViT-B/16's
-    # 2% slower (its GEMMs are too narrow to pay for the scaling), and a 2,000-step B/16 loss
-    # ran 5-9% above bf16's (BENCHMARKS.md). Parameters never depend on this choice.
+    # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
+    # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs
+    # on Hopper and later, the same rounding emulated elsewhere. On an H200 steps ran 11.3%
+    # faster at ViT-H/14 and 2.1% at ViT-B/16; the targets carry about 10x bf16's rounding error
+    # (BENCHMARKS.md: loss curves). Parameters never depend on this choice.
     c.model.fp8 = "off"
     # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
     # accumulation); the residual stream, LayerNorms, encoder output and targets use

@@ -1,66 +1,98 @@
 """FP8 matmuls for the EMA target encoder (`config.model.fp8="target"`, off by default).
 
-Each block Linear of the target encoder multiplies e4m3 operands, each tensor scaled by its own
-current absolute maximum. The operands are quantised and dequantised around an ordinary dot
-(q-dq): XLA's GEMM rewriter turns that pattern into one FP8 tensor-core GEMM on Hopper and
-later GPUs, and elsewhere runs it as written: the same e4m3 rounding on every backend.
-Parameters, optimizer state and checkpoints do not change: FP8 exists only inside the matmul.
+Each block matmul of the target encoder multiplies e4m3 operands, with one scale per tensor.
+The operands are quantised and dequantised around an ordinary dot (q-dq): XLA's GEMM rewriter
+turns that pattern into one FP8 tensor-core GEMM on Hopper and later GPUs, and elsewhere runs
+it as written: the same e4m3 rounding on every backend. Parameters, optimizer state and
+checkpoints do not change: FP8 exists only inside the matmul.
+
+An activation's scale comes from a bound on it derived from the parameters (a LayerNorm output
+row has L2 norm at most sqrt(width), and Cauchy-Schwarz carries that through a Linear), not from
+its maximum: no pass over the activation runs first, and the rounding fuses into the kernel
+that produces it. e4m3 keeps 3 significant bits across 15 binades, so a loose bound costs
+precision only in values far below the largest (ViT-Ti at init: 2.2% error against float32,
+as with each tensor's own maximum). Weights use their own maximum (small tensors).
 
 Why the target encoder alone: it runs forward only. cuBLAS's FP8 GEMM takes both operands with
 the contracted axis minor, so a weight gradient needs transposed FP8 copies of its activation
-and output gradient; those copies and the scales' maxima cost what the faster GEMMs saved in the
-trained networks (on an H200, ViT-H/14's context encoder forward + backward ran level, its
-target forward 1.12x faster). Whole steps: ViT-H/14 3.9% faster, ViT-B/16 2% slower, where the
-768-wide GEMMs gain less than the scaling passes cost (BENCHMARKS.md, "FP8 in the target
+and output gradient, and a gradient has no bound to scale by; those passes cost what the faster
+GEMMs saved in the trained networks. On an H200 the bounds ran ViT-H/14's step 11.3% faster and
+ViT-B/16's 2.1% (each tensor's own maximum: +5.2%, -3.0%; BENCHMARKS.md, "FP8 in the target
 encoder").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jepa_jax.models.vit import Attention, VisionTransformer
-
 SETTINGS = ("off", "target")
 E4M3 = jnp.float8_e4m3fn  # 3 mantissa bits, largest value 448
+E4M3_MAX = float(jnp.finfo(E4M3).max)
+GELU_MIN = 0.17  # |gelu(h)| <= max(|h|, 0.17): its negative lobe bottoms out at -0.170
 
 
-def quantize_dequantize(x: jax.Array) -> jax.Array:
-    """x rounded to e4m3 under one scale that maps max|x| to e4m3's largest value, back in x's
-    dtype."""
-    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Array:
+    """x rounded to e4m3 under the scale that maps `bound` (>= max|x|; by default max|x|
+    itself) to e4m3's largest value, back in x's dtype. Clipped: a bound a rounding short
+    saturates instead of overflowing to NaN."""
+    if bound is None:
+        bound = jnp.max(jnp.abs(x))
     # At least x's dtype's smallest normal: the scale must survive the cast back (zeros stay 0).
-    scale = jnp.maximum(amax / float(jnp.finfo(E4M3).max), float(jnp.finfo(x.dtype).tiny))
-    quantized = (x.astype(jnp.float32) / scale).astype(E4M3)
+    scale = jnp.maximum(bound.astype(jnp.float32) / E4M3_MAX, float(jnp.finfo(x.dtype).tiny))
+    quantized = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
     return quantized.astype(x.dtype) * scale.astype(x.dtype)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
-    """`jax.lax.dot_general` on e4m3-rounded operands (the `dot_general` of `nnx.Linear`, which
-    also passes `out_sharding`); the output keeps the inputs' dtype."""
-    kwargs.setdefault("preferred_element_type", lhs.dtype)
-    return jax.lax.dot_general(
-        quantize_dequantize(lhs),
-        quantize_dequantize(rhs),
-        dimension_numbers,
-        precision=precision,
-        **kwargs,
+def dense(layer: nnx.Linear, x: jax.Array, bound: jax.Array) -> jax.Array:
+    """`layer(x)` with e4m3 operands: x scaled by `bound` (>= max|x|), the kernel by its max."""
+    dtype = layer.dtype
+    kernel = quantize_dequantize(layer.kernel[...].astype(dtype))
+    x = quantize_dequantize(x.astype(dtype), bound)
+    y = jax.lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=dtype
     )
+    return y + layer.bias[...].astype(dtype)
 
 
-def with_fp8_matmuls(encoder: VisionTransformer) -> VisionTransformer:
-    """A copy of `encoder` whose transformer blocks multiply in FP8, the same parameters.
+def norm_bounds(norm: nnx.LayerNorm, width: int) -> tuple[jax.Array, jax.Array]:
+    """(max |value|, max L2 norm) of a LayerNorm's output rows, from its parameters: the
+    normalised row has L2 norm at most sqrt(width), so no entry exceeds that either."""
+    gamma, beta = norm.scale[...], norm.bias[...]
+    spread = math.sqrt(width) * jnp.max(jnp.abs(gamma))
+    return spread + jnp.max(jnp.abs(beta)), spread + jnp.linalg.norm(beta)
 
-    Its q/k/v projection runs in XLA rather than the fused bf16 kernel, so that it is an FP8
-    GEMM too (2 ms less of ViT-H/14's target forward on an H200). The patch embedding stays
-    bf16: it is a small matmul on pixels.
-    """
+
+def output_bound(kernel: jax.Array, bias: jax.Array, input_l2: jax.Array) -> jax.Array:
+    """max |x W + b| over rows x of L2 norm at most `input_l2` (Cauchy-Schwarz per column)."""
+    columns = jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=0))
+    return input_l2 * jnp.max(columns) + jnp.max(jnp.abs(bias))
+
+
+def block_forward(block, x: jax.Array, kv_lengths, activation: Callable) -> jax.Array:
+    """`models.vit.Block`'s forward with its four matmuls in FP8, each activation scaled by its
+    bound: the norms' for q/k/v and fc1; v's for the attention output (a weighted mean of v
+    rows); fc1's output's for the GELU's."""
+    attn, (b, t, d) = block.attn, x.shape
+    norm_max, norm_l2 = norm_bounds(block.norm1, d)
+    q, k, v = jnp.split(dense(attn.qkv, block.norm1(x), norm_max), 3, axis=-1)
+    v_max = output_bound(attn.qkv.kernel[...][:, 2 * d :], attn.qkv.bias[...][2 * d :], norm_l2)
+    heads = [a.reshape(b, t, attn.heads, d // attn.heads) for a in (q, k, v)]
+    out = attn.attn_fn(*heads, kv_lengths=kv_lengths).reshape(b, t, d)
+    x = x + dense(attn.proj, out, v_max)
+    norm_max, norm_l2 = norm_bounds(block.norm2, d)
+    h = dense(block.fc1, block.norm2(x), norm_max)
+    h_max = output_bound(block.fc1.kernel[...], block.fc1.bias[...], norm_l2)
+    return x + dense(block.fc2, activation(h), jnp.maximum(h_max, GELU_MIN))
+
+
+def with_fp8_matmuls(encoder: nnx.Module) -> nnx.Module:
+    """A copy of `encoder` (a `models.VisionTransformer`) whose blocks multiply in FP8, with the
+    same parameters. The patch embedding stays bf16: a small matmul on pixels."""
     copy = nnx.clone(encoder)
-    for _, module in nnx.iter_graph(copy.blocks):
-        if isinstance(module, nnx.Linear):
-            module.dot_general = dot_general
-        elif isinstance(module, Attention):
-            module.fused_qkv = False
+    copy.blocks.layers.fp8_matmuls = True
     return copy

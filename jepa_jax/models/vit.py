@@ -22,6 +22,7 @@ from flax import nnx
 
 from jepa_jax.attention import AttentionFn, pad_tokens, seq_multiple
 from jepa_jax.kernels.dense import width_tiles
+from jepa_jax.models import fp8
 from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
@@ -139,7 +140,8 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
-    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers).
+    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `fp8_matmuls`
+    runs the four matmuls in FP8 instead (models.fp8: the target encoder's option).
     """
 
     def __init__(
@@ -159,8 +161,11 @@ class Block(nnx.Module):
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
         self.fc1 = _linear(dim, mlp_hidden, dtype, rngs)
         self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
+        self.fp8_matmuls = False  # models.fp8.with_fp8_matmuls sets it on the target copy
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        if self.fp8_matmuls:
+            return fp8.block_forward(self, x, kv_lengths, gelu)
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x + self.attn(self.norm1(x), kv_lengths)
         return x + self.fc2(gelu(self.fc1(self.norm2(x))))
