@@ -43,7 +43,9 @@ def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Arr
     if bound is None:
         bound = jnp.max(jnp.abs(x))
     # At least x's dtype's smallest normal: the scale must survive the cast back (zeros stay 0).
+    # Not trained: a gradient passes x's rounding straight through and none reaches the scale.
     scale = jnp.maximum(bound.astype(jnp.float32) / E4M3_MAX, float(jnp.finfo(x.dtype).tiny))
+    scale = jax.lax.stop_gradient(scale)
     quantized = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
     return quantized.astype(x.dtype) * scale.astype(x.dtype)
 
