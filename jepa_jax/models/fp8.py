@@ -43,11 +43,20 @@ def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Arr
     if bound is None:
         bound = jnp.max(jnp.abs(x))
     # At least x's dtype's smallest normal: the scale must survive the cast back (zeros stay 0).
-    # Not trained: a gradient passes x's rounding straight through and none reaches the scale.
     scale = jnp.maximum(bound.astype(jnp.float32) / E4M3_MAX, float(jnp.finfo(x.dtype).tiny))
-    scale = jax.lax.stop_gradient(scale)
+    return _round(x, scale)
+
+
+@jax.custom_vjp
+def _round(x: jax.Array, scale: jax.Array) -> jax.Array:
     quantized = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
     return quantized.astype(x.dtype) * scale.astype(x.dtype)
+
+
+# A gradient passes the rounding straight through, and none reaches the scale (it is not
+# trained). Autodiff would instead cast the gradient itself to e4m3, unscaled: small gradients
+# would flush to zero.
+_round.defvjp(lambda x, scale: (_round(x, scale), None), lambda _, g: (g, None))
 
 
 def dense(layer: nnx.Linear, x: jax.Array, bound: jax.Array) -> jax.Array:
