@@ -7,7 +7,7 @@ from __future__ import annotations
 from jepa_jax import kernels, masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
-from jepa_jax.models.fp8 import SETTINGS as FP8_SETTINGS
+from jepa_jax.models import fp8
 from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
@@ -38,8 +38,12 @@ def validate(config) -> None:
             value,
             f"choose one of {list(kernels.SETTINGS)}",
         )
-    fp8 = m.get("fp8", "off")  # absent in configs saved before the field
-    _require(fp8 in FP8_SETTINGS, "model.fp8", fp8, f"choose one of {list(FP8_SETTINGS)}")
+    _require(
+        fp8.setting(m) in fp8.SETTINGS,
+        "model.fp8",
+        fp8.setting(m),
+        f"choose one of {list(fp8.SETTINGS)}",
+    )
     for field in ("dtype", "residual_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", m[field], f"choose one of {list(DTYPES)}")
     depth = m.get("depth", -1)  # absent in configs saved before the field

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jepa_jax import attention, data, masks
+from jepa_jax.models import fp8
 from jepa_jax.pictures import mask_picture
 
 PICTURE_IMAGES = 4  # images drawn in the start-of-run mask picture
@@ -66,11 +67,8 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
     every = config.checkpoint_every
     saves = f"every {every} steps and at the end" if every else "at the end"
     ckpt_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-    fp8 = (
-        ["FP8: the target encoder's block matmuls on e4m3 operands (config.model.fp8=target)"]
-        if config.model.get("fp8", "off") == "target"
-        else []
-    )
+    fp8_line = "FP8: the target encoder's block matmuls on e4m3 operands (config.model.fp8=target)"
+    fp8_lines = [fp8_line] if fp8.setting(config.model) == "target" else []
     return [
         f"Devices: {mesh.size} x {mesh.devices.flat[0].device_kind} ({procs} process"
         f"{'es' if procs > 1 else ''}), mesh {mesh_shape}; batch {config.batch_size} global, "
@@ -81,7 +79,7 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
         f"{_millions(count_params(state.target))} (EMA copy of the encoder, not trained)",
         attention.startup_line(net.attention, net.layer_counts),
         net.fused_qkv.describe(),
-        *fp8,
+        *fp8_lines,
         f"Checkpoints: {ckpt_dir} ({saves}, keeping {config.keep_checkpoints})",
         f"Logs: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: "
         + tensorboard_command(workdir),

@@ -17,6 +17,7 @@ from jepa_jax import checkpoint, data, evaluate, kernels, models, objective, opt
 from jepa_jax import totals as totals_lib
 from jepa_jax.configuration import validate
 from jepa_jax.metrics import MetricsWriter
+from jepa_jax.models import fp8
 from jepa_jax.objective import Networks
 
 
@@ -106,8 +107,7 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state))
     state = jax.jit(init_state, out_shardings=shardings)()
     counts = models.layer_counts(encoder, predictor)
-    fp8 = m.get("fp8", "off") == "target"  # absent in configs saved before the field
-    target = models.with_fp8_matmuls(encoder) if fp8 else encoder
+    target = models.with_fp8_matmuls(encoder) if fp8.setting(m) == "target" else encoder
     net = Networks(
         nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor), choice, counts, fused
     )

@@ -36,6 +36,11 @@ E4M3_MAX = float(jnp.finfo(E4M3).max)
 GELU_MIN = 0.17  # |gelu(h)| <= max(|h|, 0.17): its negative lobe bottoms out at -0.170
 
 
+def setting(model_config) -> str:
+    """`config.model.fp8`; configs saved before the field ran without FP8 (`off`)."""
+    return model_config.get("fp8", "off")
+
+
 def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Array:
     """x rounded to e4m3 under the scale that maps `bound` (>= max|x|; by default max|x|
     itself) to e4m3's largest value, back in x's dtype. Clipped: a bound a rounding short
