@@ -66,7 +66,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs
     # on Hopper and later, the same rounding emulated elsewhere. On an H200 steps ran 11.3%
     # faster at ViT-H/14 and 2.1% at ViT-B/16; the targets carry about 10x bf16's rounding error
-    # (BENCHMARKS.md: loss curves). Parameters never depend on this choice.
+    # (BENCHMARKS.md: loss curves). The parameters' layout and checkpoints do not change.
     c.model.fp8 = "off"
     # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
     # accumulation); the residual stream, LayerNorms, encoder output and targets use

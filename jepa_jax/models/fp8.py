@@ -6,12 +6,12 @@ turns that pattern into one FP8 tensor-core GEMM on Hopper and later GPUs, and e
 it as written: the same e4m3 rounding on every backend. Parameters, optimizer state and
 checkpoints do not change: FP8 exists only inside the matmul.
 
-An activation's scale comes from a bound on it derived from the parameters (a LayerNorm output
-row has L2 norm at most sqrt(width), and Cauchy-Schwarz carries that through a Linear), not from
-its maximum: no pass over the activation runs first, and the rounding fuses into the kernel
-that produces it. e4m3 keeps 3 significant bits across 15 binades, so a loose bound costs
-precision only in values far below the largest (ViT-Ti at init: 2.2% error against float32,
-as with each tensor's own maximum). Weights use their own maximum (small tensors).
+An activation's scale comes from a bound on it derived from the parameters (a LayerNorm's
+normalised row has L2 norm at most sqrt(width), and Cauchy-Schwarz carries that through a
+Linear), not from its maximum: no pass over the activation runs first, and the rounding fuses
+into the kernel that produces it. e4m3 keeps 3 significant bits across 15 binades, so a loose
+bound costs precision only in values far below the largest (ViT-Ti at init: 2.2% error against
+float32, as with each tensor's own maximum). Weights use their own maximum (small tensors).
 
 Why the target encoder alone: it runs forward only. cuBLAS's FP8 GEMM takes both operands with
 the contracted axis minor, so a weight gradient needs transposed FP8 copies of its activation
