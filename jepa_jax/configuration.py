@@ -38,10 +38,11 @@ def validate(config) -> None:
             value,
             f"choose one of {list(kernels.SETTINGS)}",
         )
+    fp8_setting = fp8.setting(m)
     _require(
-        fp8.setting(m) in fp8.SETTINGS,
+        fp8_setting in fp8.SETTINGS,
         "model.fp8",
-        fp8.setting(m),
+        fp8_setting,
         f"choose one of {list(fp8.SETTINGS)}",
     )
     for field in ("dtype", "residual_dtype"):

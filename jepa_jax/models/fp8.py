@@ -93,13 +93,11 @@ def block_forward(block, x: jax.Array, kv_lengths, activation: Callable) -> jax.
     """`models.vit.Block`'s forward with its four matmuls in FP8, each activation scaled by its
     bound: the norms' for q/k/v and fc1; v's for the attention output (a weighted mean of v
     rows); fc1's output's for the GELU's."""
-    attn, (b, t, d) = block.attn, x.shape
+    attn, d = block.attn, x.shape[-1]
     norm_max, norm_l2 = norm_bounds(block.norm1, d)
     q, k, v = jnp.split(dense(attn.qkv, block.norm1(x), norm_max), 3, axis=-1)
     v_max = output_bound(attn.qkv.kernel[...][:, 2 * d :], attn.qkv.bias[...][2 * d :], norm_l2)
-    heads = [a.reshape(b, t, attn.heads, d // attn.heads) for a in (q, k, v)]
-    out = attn.attn_fn(*heads, kv_lengths=kv_lengths).reshape(b, t, d)
-    x = x + dense(attn.proj, out, v_max)
+    x = x + dense(attn.proj, attn.attend(q, k, v, kv_lengths), v_max)
     norm_max, norm_l2 = norm_bounds(block.norm2, d)
     h = dense(block.fc1, block.norm2(x), norm_max)
     h_max = output_bound(block.fc1.kernel[...], block.fc1.bias[...], norm_l2)

@@ -94,17 +94,19 @@ class Attention(nnx.Module):
         self.proj = _linear(dim, dim, dtype, rngs)
 
     def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
-        b, t, d = x.shape
+        t = x.shape[1]
         # With the kernel on, pad the input once where the attention would pad q, k and v apart
         # after the kernel has written them.
         multiple = seq_multiple(self.attn_fn) if self.fused_qkv else 1
         (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
-        q, k, v = (
-            y.reshape(b, -1, self.heads, d // self.heads)
-            for y in linear_split(self.qkv, x, 3, self.fused_qkv)
-        )
-        out = self.attn_fn(q, k, v, kv_lengths=kv_lengths)[:, :t]
-        return self.proj(out.reshape(b, t, d))
+        q, k, v = linear_split(self.qkv, x, 3, self.fused_qkv)
+        return self.proj(self.attend(q, k, v, kv_lengths)[:, :t])
+
+    def attend(self, q, k, v, kv_lengths) -> jax.Array:
+        """The attention of [b, t, d] q, k and v, split into heads and merged back: [b, t, d]."""
+        b, t, d = q.shape
+        q, k, v = (y.reshape(b, t, self.heads, d // self.heads) for y in (q, k, v))
+        return self.attn_fn(q, k, v, kv_lengths=kv_lengths).reshape(b, t, d)
 
 
 @jax.custom_vjp
