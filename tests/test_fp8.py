@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from configs.default import get_config
-from jepa_jax import configuration, models, objective, sharding, trainer
-from jepa_jax.models import fp8
+from jepa_jax import attention, configuration, models, objective, sharding, trainer
+from jepa_jax.models import fp8, vit
 from tests.numerics import fresh_key, rel_err
 
 
@@ -45,6 +45,16 @@ def test_a_bound_above_the_maximum_keeps_e4m3_precision_and_one_below_saturates(
     assert float(dbound) == 0.0
 
 
+def test_the_scale_is_the_one_bf16_holds():
+    """The scale that divides is the one that multiplies back, even where bf16 cannot hold the
+    exact scale: bound / 448 = 1 + 2^-8 lies halfway between the bf16 values 1 and 1 + 2^-7, so
+    the scale is 1 and the result is e4m3's own rounding (dividing by the exact scale and
+    multiplying by bf16's would shrink every value by 0.4%)."""
+    x = jnp.clip(100 * jax.random.normal(fresh_key(), (256, 256)), -440, 440).astype(jnp.bfloat16)
+    got = fp8.quantize_dequantize(x, jnp.float32(fp8.E4M3_MAX * (1 + 2**-8)))
+    np.testing.assert_array_equal(got, x.astype(fp8.E4M3).astype(jnp.bfloat16))
+
+
 def test_the_parameter_bounds_hold():
     """The norm's and a Linear's output bounds are at least the largest values they bound,
     whatever the input's scale and the norm's parameters."""
@@ -64,6 +74,36 @@ def test_the_parameter_bounds_hold():
     assert float(jnp.max(jnp.abs(y @ kernel + bias))) <= float(
         fp8.output_bound(kernel, bias, norm_l2)
     )
+
+
+def test_block_bounds_hold_and_are_reached(monkeypatch):
+    """On tokens built to reach them, each of a block's four activation bounds is within 2% of
+    the activation's largest value and never below it: the bounds are the right ones, in the
+    right places. Every token is one spike (its normalised row puts all of sqrt(width) in one
+    entry), and in each Linear one column is that entry alone (Cauchy-Schwarz is then equal)."""
+    width, hidden, spike = 64, 128, 5
+    block = vit.Block(
+        width, 2, hidden, attention.reference_attention, dtype=jnp.float32,
+        residual_dtype=jnp.float32, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    block.fp8_matmuls = True
+    block.attn.qkv.kernel[...] = block.attn.qkv.kernel[...].at[spike, 2 * width].set(3.0)  # a v
+    block.attn.proj.kernel[...] = jnp.zeros((width, width))  # norm2 then sees the spike rows too
+    block.fc1.kernel[...] = block.fc1.kernel[...].at[spike, 7].set(2.0)
+    checked = []
+    original = fp8.quantize_dequantize
+
+    def recording(x, bound=None):
+        if bound is not None:
+            checked.append((float(jnp.max(jnp.abs(x))), float(bound)))
+        return original(x, bound)
+
+    monkeypatch.setattr(fp8, "quantize_dequantize", recording)
+    x = jnp.zeros((2, 8, width)).at[:, :, spike].set(10.0)
+    block(x)
+    assert len(checked) == 4
+    for amax, bound in checked:  # q/k/v input, attention output, fc1 input, GELU output
+        assert 0.98 * bound <= amax <= bound, checked
 
 
 def test_dense_against_float32():
