@@ -67,8 +67,9 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
     every = config.checkpoint_every
     saves = f"every {every} steps and at the end" if every else "at the end"
     ckpt_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-    fp8_line = "FP8: the target encoder's block matmuls on e4m3 operands (config.model.fp8=target)"
-    fp8_lines = [fp8_line] if fp8.setting(config.model) == "target" else []
+    fp8_lines = []
+    if fp8.setting(config.model) == "target":
+        fp8_lines = [fp8.describe(attention.gpu_compute_capability())]
     return [
         f"Devices: {mesh.size} x {mesh.devices.flat[0].device_kind} ({procs} process"
         f"{'es' if procs > 1 else ''}), mesh {mesh_shape}; batch {config.batch_size} global, "

@@ -133,6 +133,14 @@ def test_with_fp8_matmuls_changes_only_the_copy():
     assert 3 * bf16 < fp8_err < 0.06, (bf16, fp8_err)
 
 
+def test_the_startup_line_says_whether_fp8_gemms_run():
+    assert "as FP8 GEMMs" in fp8.describe((9, 0))
+    assert "as FP8 GEMMs" in fp8.describe((8, 9))
+    for capability, device in [((8, 0), "this GPU"), (None, "this device")]:
+        line = fp8.describe(capability)
+        assert f"{device} has no FP8 tensor cores" in line and "slower" in line, line
+
+
 def test_bad_fp8_setting_is_refused():
     config = get_config("tiny")
     config.model.fp8 = "all"

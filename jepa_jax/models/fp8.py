@@ -41,6 +41,22 @@ def setting(model_config) -> str:
     return model_config.get("fp8", "off")
 
 
+FP8_CAPABILITY = (8, 9)  # NVIDIA Ada and later have FP8 tensor cores; XLA needs them for FP8 GEMMs
+
+
+def describe(capability: tuple[int, int] | None) -> str:
+    """The startup line for `fp8=target` on a device of this CUDA compute capability (None: no
+    CUDA GPU): FP8 GEMMs, or the same rounding emulated, which only costs time."""
+    if capability is not None and capability >= FP8_CAPABILITY:
+        return "FP8: the target encoder's block matmuls as FP8 GEMMs (config.model.fp8=target)"
+    device = "this GPU" if capability else "this device"
+    return (
+        "FP8: the target encoder's block matmuls rounded to e4m3, but emulated: "
+        f"{device} has no FP8 tensor cores (NVIDIA compute capability 8.9 or later), so steps "
+        "are slower than with config.model.fp8=off"
+    )
+
+
 def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Array:
     """x rounded to e4m3 under the scale that maps `bound` (>= max|x|; by default max|x|
     itself) to e4m3's largest value, back in x's dtype. Clipped: a bound a rounding short
