@@ -150,7 +150,9 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if not gpus or not hasattr(gpus[0], "compute_capability"):
         return None
-    major, minor = gpus[0].compute_capability.split(".")
+    major, _, minor = gpus[0].compute_capability.partition(".")
+    if not (major.isdigit() and minor.isdigit()):  # e.g. "gfx942" on ROCm: not CUDA
+        return None
     return int(major), int(minor)
 
 

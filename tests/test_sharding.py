@@ -71,8 +71,9 @@ def test_fp8_targets_on_an_fsdp_mesh_agree_with_one_device():
     fp8_error = rel_err(targets[(1, 1), "fp8"], targets[(1, 1), "off"])
     assert fp8_error > 5e-3  # 0.9% here: against float32, e4m3's rounding
     # A value that rounds the other way moves by e4m3's step (6%) and moves values after it a
-    # little: 0.06% measured, against a sharding's float32 reordering of 4e-7.
-    assert rel_err(targets[(1, 8), "fp8"], targets[(1, 1), "fp8"]) < 0.2 * fp8_error
+    # little: 5% of FP8's error typical, 14% at worst over 68 inputs, where float32 sharding
+    # alone differs by 4e-7. Per-shard scales or no FP8 on the mesh would reach 100%.
+    assert rel_err(targets[(1, 8), "fp8"], targets[(1, 1), "fp8"]) < 0.4 * fp8_error
     assert rel_err(targets[(1, 8), "off"], targets[(1, 1), "off"]) < 1e-5
 
 

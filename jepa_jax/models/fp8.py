@@ -2,8 +2,9 @@
 
 Each block matmul of the target encoder multiplies e4m3 operands, with one scale per tensor.
 The operands are quantised and dequantised around an ordinary dot (q-dq): XLA's GEMM rewriter
-turns that pattern into one FP8 tensor-core GEMM on Hopper and later GPUs, and elsewhere runs
-it as written: the same e4m3 rounding on every backend. Parameters, optimizer state and
+turns that pattern into one FP8 tensor-core GEMM on GPUs that have them (compute capability
+8.9 and later: Ada, Hopper and newer), and elsewhere runs it as written: the same e4m3 rounding
+on every backend. Parameters, optimizer state and
 checkpoints do not change: FP8 exists only inside the matmul.
 
 An activation's scale comes from a bound on it derived from the parameters (a LayerNorm's
@@ -16,9 +17,9 @@ float32, as with each tensor's own maximum). Weights use their own maximum (smal
 Why the target encoder alone: it runs forward only. cuBLAS's FP8 GEMM takes both operands with
 the contracted axis minor, so a weight gradient needs transposed FP8 copies of its activation
 and output gradient, and a gradient has no bound to scale by; those passes cost what the faster
-GEMMs saved in the trained networks. On an H200 the bounds ran ViT-H/14's step 11.3% faster and
-ViT-B/16's 2.1% (each tensor's own maximum: +5.2%, -3.0%; BENCHMARKS.md, "FP8 in the target
-encoder").
+GEMMs saved in the trained networks. On an H200 the bounds ran ViT-H/14's step 10-11% faster and
+ViT-B/16's 2% (each tensor's own maximum: +5.2%, -3.0%; BENCHMARKS.md, "FP8 in the target
+encoder" and the tenth session's table).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Arr
     saturates instead of overflowing to NaN."""
     if bound is None:
         bound = jnp.max(jnp.abs(x))
-    # At least x's dtype's smallest normal: the scale must survive the cast back (zeros stay 0).
-    scale = jnp.maximum(jnp.asarray(bound, jnp.float32) / E4M3_MAX, float(jnp.finfo(x.dtype).tiny))
+    # Within x's dtype, so that the scale survives the cast back: at least its smallest normal
+    # (zeros stay 0), at most what keeps 448 x scale finite (float16; larger values saturate).
+    tiny, largest = float(jnp.finfo(x.dtype).tiny), float(jnp.finfo(x.dtype).max) / E4M3_MAX
+    scale = jnp.clip(jnp.asarray(bound, jnp.float32) / E4M3_MAX, tiny, largest)
     # Divide by the scale that the cast back multiplies by, so no rounding of the scale to x's
     # dtype (bf16: up to 0.4%) biases the whole tensor.
     return _round(x, scale.astype(x.dtype))
