@@ -4,8 +4,8 @@ Each block matmul of the target encoder multiplies e4m3 operands, with one scale
 The operands are quantised and dequantised around an ordinary dot (q-dq): XLA's GEMM rewriter
 turns that pattern into one FP8 tensor-core GEMM on GPUs that have them (compute capability
 8.9 and later: Ada, Hopper and newer), and elsewhere runs it as written: the same e4m3 rounding
-on every backend. Parameters, optimizer state and
-checkpoints do not change: FP8 exists only inside the matmul.
+on every backend. Parameters, optimizer state and checkpoints do not change: FP8 exists only
+inside the matmul.
 
 An activation's scale comes from a bound on it derived from the parameters (a LayerNorm's
 normalised row has L2 norm at most sqrt(width), and Cauchy-Schwarz carries that through a
