@@ -51,10 +51,11 @@ def describe(capability: tuple[int, int] | None) -> str:
     if capability is not None and capability >= FP8_CAPABILITY:
         return "FP8: the target encoder's block matmuls as FP8 GEMMs (config.model.fp8=target)"
     device = "this GPU" if capability else "this device"
+    needed = ".".join(map(str, FP8_CAPABILITY))
     return (
         "FP8: the target encoder's block matmuls rounded to e4m3, but emulated: "
-        f"{device} has no FP8 tensor cores (NVIDIA compute capability 8.9 or later), so steps "
-        "are slower than with config.model.fp8=off"
+        f"{device} has no FP8 tensor cores (NVIDIA compute capability {needed} or later), so "
+        "steps are slower than with config.model.fp8=off"
     )
 
 
