@@ -250,3 +250,32 @@ def test_fused_qkv_matches_the_plain_layer_on_gpu():
     for g, w in zip([*got, *got_grads], [*want, *want_grads], strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert rel_err(g, w) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_the_kernel
+def test_the_q_k_v_gradients_reach_the_projection_without_a_concatenation():
+    """The short backward writes dq, dk and dv side by side in the layout of the kernel's
+    [rows, 3 * dim] output, so the projection's backward reads them without a concatenating
+    copy (0.7-2% of a step on an H200, BENCHMARKS.md)."""
+    batch, tokens, dim = 16, 72, 256  # a context-like sequence: cuDNN pads nothing, rows tile
+    attn = vit.Attention(
+        dim,
+        4,
+        attention.cudnn_attention_short_backward,
+        dtype=jnp.bfloat16,
+        fused_qkv=True,
+        rngs=nnx.Rngs(0),
+    )
+    assert attn.fused_qkv and dense.tiling_for(batch * tokens, dim, dim) is not None
+    graphdef, params = nnx.split(attn)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
+
+    x = jax.random.normal(fresh_key(), (batch, tokens, dim))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    assert "short_attention_backward" in hlo  # the kernel, not cuDNN's backward, ran
+    packed = f"bf16[{batch * tokens},{3 * dim}]"
+    concatenations = [line for line in hlo.splitlines() if f"{packed}{{1,0}} concatenate(" in line]
+    assert not concatenations, concatenations
