@@ -54,35 +54,32 @@ def xla_attention(q, k, v, *, kv_lengths=None):
 
 def cudnn_attention(q, k, v, *, kv_lengths=None):
     """cuDNN flash attention for any sequence length: pad, mask the padding, slice it off."""
-    return _padded_for_cudnn(_cudnn, q, k, v, kv_lengths)
+    tokens = q.shape[1]
+    (q, k, v), kv_lengths = pad_tokens((q, k, v), kv_lengths, CUDNN_SEQ_MULTIPLE)
+    return _cudnn(q, k, v, kv_lengths)[:, :tokens]
 
 
 def cudnn_attention_short_backward(q, k, v, *, kv_lengths=None):
     """`cudnn_attention` whose backward, for sequences of at most 128 tokens, runs in a Pallas
-    kernel (`kernels.short_attention`) instead of cuDNN's flash backward."""
-    return _padded_for_cudnn(_cudnn_short_backward, q, k, v, kv_lengths)
+    kernel (`kernels.short_attention`) instead of cuDNN's flash backward. Such sequences are
+    not padded: cuDNN runs only their forward, which takes any length (the training kernels
+    are the ones that reject some), and the kernel takes any length up to 128."""
+    if not _short(q.shape[1]):
+        return cudnn_attention(q, k, v, kv_lengths=kv_lengths)
+    return _cudnn_then_kernel(q, k, v, kv_lengths)
 
 
-def _padded_for_cudnn(attend, q, k, v, kv_lengths):
-    tokens = q.shape[1]
-    (q, k, v), kv_lengths = pad_tokens((q, k, v), kv_lengths, CUDNN_SEQ_MULTIPLE)
-    return attend(q, k, v, kv_lengths)[:, :tokens]
+def _short(tokens: int) -> bool:
+    """Whether `cudnn_attention_short_backward` runs the kernel for `tokens`-long sequences."""
+    from jepa_jax.kernels import short_attention  # here: the kernels package imports this module
+
+    return tokens <= short_attention.MAX_TOKENS
 
 
 def _cudnn(q, k, v, kv_lengths):
     return jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )
-
-
-def _cudnn_short_backward(q, k, v, kv_lengths):
-    from jepa_jax.kernels import short_attention  # here: the kernels package imports this module
-
-    if q.shape[1] > short_attention.MAX_TOKENS:
-        return _cudnn(q, k, v, kv_lengths)
-    if kv_lengths is None:
-        kv_lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-    return _cudnn_then_kernel(q, k, v, kv_lengths)
 
 
 @jax.custom_vjp
@@ -99,10 +96,10 @@ def _cudnn_then_kernel_backward(residuals, grad):
     from jepa_jax.kernels import short_attention
 
     q, k, v, kv_lengths = residuals
+    batch, tokens = q.shape[:2]
+    lengths = jnp.full((batch,), tokens, jnp.int32) if kv_lengths is None else kv_lengths
     scale = q.shape[-1] ** -0.5
-    grads = short_attention.attention_backward(
-        q, k, v, grad.astype(q.dtype), kv_lengths, scale=scale
-    )
+    grads = short_attention.attention_backward(q, k, v, grad.astype(q.dtype), lengths, scale=scale)
     return (*grads, None)
 
 
@@ -123,9 +120,11 @@ def pad_tokens(arrays, kv_lengths, multiple: int):
     return arrays, kv_lengths
 
 
-def seq_multiple(attn_fn: AttentionFn) -> int:
-    """The token multiple `attn_fn` pads to inside (cuDNN's), for a caller that can pad earlier,
-    where it is cheaper."""
+def seq_multiple(attn_fn: AttentionFn, tokens: int) -> int:
+    """The token multiple `attn_fn` pads `tokens`-long sequences to inside (cuDNN's), for a
+    caller that can pad earlier, where it is cheaper."""
+    if attn_fn is cudnn_attention_short_backward and _short(tokens):
+        return 1
     return CUDNN_SEQ_MULTIPLE if attn_fn in (cudnn_attention, cudnn_attention_short_backward) else 1
 
 

@@ -175,8 +175,8 @@ def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_l
     matmul instead of after it; masked as keys and sliced off as queries, the padding changes
     nothing. The kernel is swapped for `dense.reference` and the attention is the reference,
     told to pad as cuDNN does."""
-    assert vit.seq_multiple(attention.get("reference")) == 1  # other attentions: no padding
-    monkeypatch.setattr(vit, "seq_multiple", lambda fn: attention.CUDNN_SEQ_MULTIPLE)
+    assert vit.seq_multiple(attention.get("reference"), 13) == 1  # other attentions: no padding
+    monkeypatch.setattr(vit, "seq_multiple", lambda fn, tokens: attention.CUDNN_SEQ_MULTIPLE)
     calls = []
 
     def kernel_stand_in(*args, **kw):

@@ -134,8 +134,8 @@ def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
 @pytest.mark.parametrize("tokens,with_lengths", [(13, True), (16, False), (130, True)])
 def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with_lengths):
     """cudnn_attention_short_backward with cuDNN's forward swapped for the reference (so this
-    runs on a CPU): padding to a multiple of 8, the kernel's backward at up to 128 tokens, and
-    autodiff's beyond. The kernel runs interpreted on a CPU."""
+    runs on a CPU): the kernel's backward on unpadded sequences of up to 128 tokens, and
+    beyond, padding to a multiple of 8 and autodiff's. The kernel runs interpreted on a CPU."""
     monkeypatch.setattr(
         A, "_cudnn", lambda q, k, v, n: A.reference_attention(q, k, v, kv_lengths=n)
     )
@@ -152,28 +152,31 @@ def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with
     got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
     want = _grads(A.reference_attention, *f32, g, lengths)
-    padded = -(-tokens // 8) * 8
-    assert A.seq_multiple(A.cudnn_attention_short_backward) == 8  # padded as cuDNN's
-    assert calls == ([] if padded > 128 else [(2, padded, 2, 24)])
+    short = tokens <= 128
+    assert A.seq_multiple(A.cudnn_attention_short_backward, tokens) == (1 if short else 8)
+    assert calls == ([(2, tokens, 2, 24)] if short else [])
     for got_, want_ in zip(got, want, strict=True):
         assert got_.shape == want_.shape and rel_err(got_, want_) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="runs cuDNN and the compiled kernel: needs a CUDA GPU")
-@pytest.mark.parametrize("tokens,head_dim", [(68, 80), (122, 24)])
+@pytest.mark.parametrize("tokens,head_dim", [(68, 80), (122, 24), (51, 64), (91, 32)])
 def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
-    """At H/14's context and predictor lengths (padded to 72 and 128 inside), against cuDNN's
-    own backward."""
+    """At H/14's context and predictor lengths and B/16's odd ones (cuDNN's forward unpadded),
+    against cuDNN's own backward (padded)."""
     assert kernels._short_backward_check() is None  # the startup check passes here
     keys = jax.random.split(fresh_key(), 5)
     q, k, v, g = (
         jax.random.normal(key, (32, tokens, 16, head_dim), jnp.bfloat16) for key in keys[:4]
     )
-    lengths = jax.random.randint(keys[4], (32,), tokens // 2, tokens + 1)
-    got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
-    for got_, want in zip(got, _grads(A.cudnn_attention, q, k, v, g, lengths), strict=True):
-        assert rel_err(got_, want) < 1e-2
+    for lengths in (jax.random.randint(keys[4], (32,), tokens // 2, tokens + 1), None):
+        out = jax.jit(A.cudnn_attention_short_backward)(q, k, v, kv_lengths=lengths)
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        assert rel_err(out, A.reference_attention(*f32, kv_lengths=lengths)) < 1e-2
+        got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
+        for got_, want in zip(got, _grads(A.cudnn_attention, q, k, v, g, lengths), strict=True):
+            assert rel_err(got_, want) < 1e-2
 
 
 def test_a_run_saved_with_the_kernel_on_evaluates_anywhere():

@@ -97,7 +97,7 @@ class Attention(nnx.Module):
         t = x.shape[1]
         # With the kernel on, pad the input once where the attention would pad q, k and v apart
         # after the kernel has written them.
-        multiple = seq_multiple(self.attn_fn) if self.fused_qkv else 1
+        multiple = seq_multiple(self.attn_fn, t) if self.fused_qkv else 1
         (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
         q, k, v = linear_split(self.qkv, x, 3, self.fused_qkv)
         return self.proj(self.attend(q, k, v, kv_lengths)[:, :t])
