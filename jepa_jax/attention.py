@@ -69,6 +69,34 @@ def cudnn_attention_short_backward(q, k, v, *, kv_lengths=None):
     return _cudnn_then_kernel(q, k, v, kv_lengths)
 
 
+def cudnn_attention_forward(q, k, v, *, kv_lengths=None):
+    """cuDNN flash attention for a network that is never differentiated (the EMA target
+    encoder): its forward takes any sequence length, so nothing is padded."""
+    return _cudnn_forward_only(q, k, v, kv_lengths)
+
+
+@jax.custom_vjp
+def _cudnn_forward_only(q, k, v, kv_lengths):
+    return _cudnn(q, k, v, kv_lengths)
+
+
+def _refuse_gradient(*_):
+    raise TypeError(
+        "cudnn_attention_forward is for networks that are never differentiated (the target "
+        "encoder); differentiate through cudnn_attention instead"
+    )
+
+
+_cudnn_forward_only.defvjp(_refuse_gradient, _refuse_gradient)
+
+
+def forward_only(attn_fn: AttentionFn) -> AttentionFn:
+    """The attention for a network that only runs forward: cuDNN's without the padding its
+    training kernels need, or `attn_fn` itself where it is not cuDNN's."""
+    cudnn = (cudnn_attention, cudnn_attention_short_backward)
+    return cudnn_attention_forward if attn_fn in cudnn else attn_fn
+
+
 def _short(tokens: int) -> bool:
     """Whether `cudnn_attention_short_backward` runs the kernel for `tokens`-long sequences."""
     from jepa_jax.kernels import short_attention  # here: the kernels package imports this module

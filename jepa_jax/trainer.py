@@ -107,7 +107,7 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     shardings = sharding.state_shardings(mesh, jax.eval_shape(init_state))
     state = jax.jit(init_state, out_shardings=shardings)()
     counts = models.layer_counts(encoder, predictor)
-    target = models.with_fp8_matmuls(encoder) if fp8.setting(m) == "target" else encoder
+    target = models.for_targets(encoder, fp8.setting(m))
     net = Networks(
         nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor), choice, counts, fused
     )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+from numerics import fresh_key, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, kernels, models, presets
@@ -190,6 +191,47 @@ def test_attention_choice_never_changes_params():
     np.testing.assert_allclose(
         call(a.encoder, images), call(b.encoder, images), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("fp8", ["off", "target"])
+def test_the_target_copy_runs_cudnns_forward_unpadded_with_the_same_parameters(fp8):
+    """Built, not run (cuDNN is only named here): the copy's attention is the forward-only
+    cuDNN call, the encoder's is untouched, and other attentions stay as they are."""
+    tiny = get_config("tiny").model
+    encoder = models.from_config(tiny, attention=attention.Choice("auto", "cudnn")).encoder
+    copy = models.for_targets(encoder, fp8)
+    assert copy.blocks.layers.attn.attn_fn is attention.cudnn_attention_forward
+    assert encoder.blocks.layers.attn.attn_fn is attention.cudnn_attention
+    assert copy.blocks.layers.fp8_matmuls == (fp8 == "target")
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(encoder)), jax.tree.leaves(nnx.state(copy)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    xla = models.from_config(tiny, attention=attention.Choice("xla", "xla")).encoder
+    assert models.for_targets(xla, fp8).blocks.layers.attn.attn_fn is attention.xla_attention
+
+
+def test_the_forward_only_attention_refuses_a_gradient():
+    x = jnp.zeros((1, 49, 2, 8), jnp.bfloat16)
+
+    def loss(q):
+        return jnp.sum(attention.cudnn_attention_forward(q, x, x).astype(jnp.float32))
+
+    with pytest.raises(TypeError, match="never differentiated.*cudnn_attention instead"):
+        jax.eval_shape(jax.grad(loss), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs cuDNN: needs a CUDA GPU")
+def test_the_target_copy_computes_what_the_encoder_computes_on_gpu():
+    """49 tokens, an odd length that the encoder's cuDNN attention pads and the copy's does not:
+    the same features, and cuDNN, not a fallback, ran the copy's attention."""
+    encoder = models.create("vit_t16", attention="cudnn", image_size=112, seed=0).encoder
+    copy = models.for_targets(encoder, "off")
+    images = jax.random.normal(fresh_key(), (4, 112, 112, 3))
+    forward = jax.jit(lambda m, x: m(x))
+    assert "cudnn" in forward.lower(copy, images).compile().as_text().lower()
+    assert rel_err(forward(copy, images), forward(encoder, images)) < 5e-3
 
 
 def test_bad_model_name_names_the_choices():

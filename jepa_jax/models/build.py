@@ -11,6 +11,7 @@ from flax import nnx
 
 from jepa_jax import attention as attention_lib
 from jepa_jax import kernels, presets
+from jepa_jax.models import fp8
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
@@ -28,6 +29,16 @@ class IJEPA:
 
     def layer_counts(self) -> dict[str, int]:
         return layer_counts(self.encoder, self.predictor)
+
+
+def for_targets(encoder: VisionTransformer, fp8_setting: str) -> VisionTransformer:
+    """A copy of `encoder` (same parameters) as the EMA target encoder runs it: never
+    differentiated, so its cuDNN attention takes sequences unpadded, and with `fp8_setting`
+    "target" (`config.model.fp8`) its blocks multiply in FP8."""
+    copy = fp8.with_fp8_matmuls(encoder) if fp8_setting == "target" else nnx.clone(encoder)
+    attn = copy.blocks.layers.attn
+    attn.attn_fn = attention_lib.forward_only(attn.attn_fn)
+    return copy
 
 
 def layer_counts(encoder: VisionTransformer, predictor: Predictor) -> dict[str, int]:
