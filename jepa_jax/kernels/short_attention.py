@@ -1,7 +1,7 @@
 """Attention's backward for short sequences (up to 128 tokens): a Pallas (Triton) kernel for CUDA
 GPUs, one program per (head, batch) holding the whole sequence.
 
-I-JEPA's context encoder (72 tokens at ViT-H/14) and predictor (128) run attention on short
+I-JEPA's context encoder (68 tokens at ViT-H/14) and predictor (122) run attention on short
 sequences, where cuDNN's flash backward, built for long ones, takes 3-4x the time its bytes need
 (BENCHMARKS.md). With every key in one tile, the backward needs no saved softmax statistics, no
 separate pass for rowsum(dO * O) and no float32 dq accumulator: each program recomputes the
