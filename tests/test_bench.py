@@ -174,8 +174,8 @@ def test_breakdown_mode(tmp_path):
     assert sum(parts.values()) == pytest.approx(bench.flops_per_image(config, spec))
 
 
-def _trace_event(name, pid, tid, dur):
-    return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": 0, "dur": dur}
+def _trace_event(name, pid, tid, dur, ts=0):
+    return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
 
 
 # Trace metadata naming process 1 a GPU and its thread 7 a kernel stream.
@@ -212,6 +212,24 @@ def test_profile_groups_gpu_stream_kernels_by_kind():
     convert = table[2]
     assert convert["ms_per_step"] == pytest.approx(0.2) and convert["kernels_per_step"] == 1
     assert sum(r["share"] for r in table) == pytest.approx(1.0)
+
+
+def test_profile_counts_the_time_no_gpu_stream_runs_a_kernel():
+    """Overlapping kernels on two streams count once; the gaps between them, and only those
+    on GPU streams, are idle."""
+    second = {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "Stream #2"}}
+    host = {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}
+    gap = float(np.random.default_rng().integers(1, 50))
+    kernels = [
+        _trace_event("a", 1, 7, 10.0, ts=100.0),
+        _trace_event("b", 1, 9, 10.0, ts=105.0),  # the other stream, overlapping a
+        _trace_event("c", 1, 7, 2.0, ts=108.0),  # inside a and b
+        _trace_event("d", 1, 7, 5.0, ts=115.0 + gap),
+        _trace_event("host work", 2, 7, 1000.0, ts=0.0),
+    ]
+    trace = {"traceEvents": GPU_STREAM + [second, host] + kernels}
+    assert bench.gpu_idle_us(trace) == pytest.approx(gap)
+    assert bench.gpu_idle_us({"traceEvents": GPU_STREAM}) == 0.0
 
 
 def test_profile_gives_fusion_groups_the_bytes_their_kernels_move():

@@ -10,6 +10,9 @@ Each fusion group also gets the bytes its kernels must move (every operand read 
 result written once, as the compiled HLO states their shapes) over their time: achieved GB/s,
 to set beside the card's copy bandwidth. XLA names a fusion's kernel after the fusion and runs
 identical fusions through one kernel, so a kernel name stands for one fusion's shapes.
+
+The summary also gives the time, within the traced steps, when no GPU stream ran a kernel
+(launch gaps and waits on the host): what a step loses beyond its kernels.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ def kernel_group(name: str) -> str:
     return re.sub(r"\d+", "#", name)[:100]
 
 
-def device_kernels(trace) -> list[tuple[str, float]]:
-    """(name, microseconds) of every kernel on a GPU stream in a Perfetto JSON trace."""
+def _stream_events(trace) -> list[dict]:
+    """The complete events on GPU streams of a Perfetto JSON trace: its kernels."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     meta = [e for e in events if e.get("ph") == "M"]
     processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
@@ -87,11 +90,25 @@ def device_kernels(trace) -> list[tuple[str, float]]:
         for key, name in threads.items()
         if "GPU" in processes.get(key[0], "") and "Stream" in name
     }
-    return [
-        (e["name"], float(e["dur"]))
-        for e in events
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams
-    ]
+    return [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams]
+
+
+def device_kernels(trace) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel on a GPU stream in a Perfetto JSON trace."""
+    return [(e["name"], float(e["dur"])) for e in _stream_events(trace)]
+
+
+def gpu_idle_us(trace) -> float:
+    """Microseconds between the first kernel's start and the last one's end in which no GPU
+    stream ran a kernel: launch gaps inside and between steps, and waits on the host."""
+    spans = sorted(
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in _stream_events(trace)
+    )
+    idle, busy_until = 0.0, spans[0][0] if spans else 0.0
+    for start, end in spans:
+        idle += max(0.0, start - busy_until)
+        busy_until = max(busy_until, end)
+    return idle
 
 
 def kernel_table(
@@ -146,7 +163,8 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
-        table = kernel_table(device_kernels(json.load(f)), args.steps, bytes_by_kernel)
+        trace = json.load(f)
+    table = kernel_table(device_kernels(trace), args.steps, bytes_by_kernel)
     by_kind = collections.Counter()
     for row in table:
         by_kind[row["kind"]] += row["ms_per_step"]
@@ -155,6 +173,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
         "traced_wall_ms_per_step": wall_ms,  # includes the profiler's own overhead
         "kernel_ms_per_step": sum(by_kind.values()),
         "kernel_ms_by_kind": dict(by_kind),
+        "gpu_idle_ms_per_step": gpu_idle_us(trace) / 1e3 / args.steps,
         "trace_dir": trace_dir,
     }
     return [{"impl": impl, **row} for row in table[: args.top]], summary
@@ -167,7 +186,10 @@ def run_profile(args) -> dict:
         rows += impl_rows
         summaries.append(summary)
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["kernel_ms_by_kind"].items()))
-        found = f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step ({kinds})"
+        found = (
+            f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step ({kinds}), "
+            f"GPU idle {summary['gpu_idle_ms_per_step']:.2f} ms per step between them"
+        )
         if not impl_rows:
             found = "no GPU kernels in the trace (on a CPU it holds host events only)"
         print(f"{impl}: {found}; trace in {summary['trace_dir']}", flush=True)
