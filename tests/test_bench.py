@@ -56,14 +56,16 @@ def test_flops_per_image_by_hand():
     spec = dataclasses.replace(masks.mask_spec(config), num_context=10, max_target=6)
     assert (spec.grid, spec.num_targets, config.model.pred_depth) == ((6, 6), 4, 2)
 
-    def block(t, d, f):  # 2 FLOPs per weight per token, plus Q.K^T and P.V over t x t
-        weights = d * 3 * d + d * d + 2 * d * f
-        return 2 * t * weights + 2 * 2 * t * t * d
+    def block(t, d, f, out=None):  # 2 FLOPs per weight per token, plus Q.K^T and P.V over t x t
+        out = t if out is None else out  # rows computed past attention
+        return 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * out * (d * d + 2 * d * f)
 
     embed = 2 * 192 * (3 * 16 * 16)  # per embedded patch
     target = 36 * embed + 12 * block(36, 192, 768)
     context = 2 * 10 * embed + 3 * 12 * block(10, 192, 768)  # only the 10 kept patches
-    predictor = 2 * 10 * 192 * 192 + 4 * (2 * block(16, 192, 768) + 2 * 6 * 192 * 192)
+    # The predictor's last block computes only the 6 target rows it reads out.
+    last = block(16, 192, 768, out=6)
+    predictor = 2 * 10 * 192 * 192 + 4 * (block(16, 192, 768) + last + 2 * 6 * 192 * 192)
     assert bench.flops_per_image(config, spec) == target + context + 3 * predictor
     assert bench.flops_per_image(config, spec, target_tokens=3) < target + context + 3 * predictor
 

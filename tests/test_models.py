@@ -13,7 +13,7 @@ from numerics import fresh_key, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, kernels, models, presets
-from jepa_jax.models.vit import SIZES, gelu, patchify, sincos_pos_embed
+from jepa_jax.models.vit import SIZES, BlockStack, gelu, patchify, sincos_pos_embed
 
 
 def n_params(module) -> int:
@@ -169,6 +169,36 @@ def test_predictor_ignores_padding(tiny):
     a = call(tiny.predictor, ctx, ctx_idx, base, lengths)
     b = call(tiny.predictor, ctx, ctx_idx, swapped, lengths)
     np.testing.assert_allclose(a * real[..., None], b * real[..., None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scan,remat,depth", [(True, False, 3), (False, True, 2), (False, False, 1)]
+)
+def test_the_last_block_computes_only_the_rows_read_out(scan, remat, depth):
+    """The predictor reads out its targets' rows only, so its last block computes those alone:
+    values and gradients (parameters and input) as the whole stack's, sliced after. Scanned and
+    unrolled, with and without rematerialisation, and a stack of one block."""
+    f32 = dict(dtype=jnp.float32, residual_dtype=jnp.float32)
+    reference = attention.get("reference")
+    stack = BlockStack(depth, 32, 2, 64, reference, **f32, remat=remat, scan=scan, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(stack)
+    key = fresh_key()
+    x = jax.random.normal(key, (3, 11, 32))
+    lengths = jax.random.randint(key, (3,), 6, 12)
+    first = 5
+
+    def loss(params, x, first_query):
+        out = nnx.merge(graphdef, params)(x, lengths, first_query=first_query)
+        out = out[:, first - first_query :]  # the rows read out, either way
+        return jnp.sum(jnp.sin(out)), out
+
+    with jax.default_matmul_precision("highest"):
+        (_, got), got_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, first)
+        (_, want), want_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, 0)
+    assert got.shape == want.shape == (3, 11 - first, 32)
+    assert rel_err(got, want) < 1e-6
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-5
 
 
 def test_attention_choice_never_changes_params():

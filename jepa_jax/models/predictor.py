@@ -73,6 +73,7 @@ class Predictor(nnx.Module):
             self.mask_token[...].astype(self.residual_dtype) + pos[target_idx.reshape(b * m, kt)]
         )
         seq = jnp.concatenate([x, queries], axis=1)
-        seq = self.blocks(seq, kv_lengths=kc + target_len.reshape(b * m).astype(jnp.int32))
-        out = self.proj(self.norm(seq[:, kc:]))
+        kv_lengths = kc + target_len.reshape(b * m).astype(jnp.int32)
+        # Only the targets' rows are read out, so the last block computes those alone.
+        out = self.proj(self.norm(self.blocks(seq, kv_lengths, first_query=kc)))
         return out.reshape(b, m, kt, -1)

@@ -93,14 +93,18 @@ class Attention(nnx.Module):
         self.qkv = _linear(dim, 3 * dim, dtype, rngs)  # columns [q | k | v], heads contiguous
         self.proj = _linear(dim, dim, dtype, rngs)
 
-    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, kv_lengths: jax.Array | None = None, first_query: int = 0
+    ) -> jax.Array:
+        """Attention over x's rows; only rows from `first_query` on are returned (and
+        projected), every row still serving as a key and a value."""
         t = x.shape[1]
         # With the kernel on, pad the input once where the attention would pad q, k and v apart
         # after the kernel has written them.
         multiple = seq_multiple(self.attn_fn, t) if self.fused_qkv else 1
         (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
         q, k, v = linear_split(self.qkv, x, 3, self.fused_qkv)
-        return self.proj(self.attend(q, k, v, kv_lengths)[:, :t])
+        return self.proj(self.attend(q, k, v, kv_lengths)[:, first_query:t])
 
     def attend(self, q, k, v, kv_lengths) -> jax.Array:
         """The attention of [b, t, d] q, k and v, split into heads and merged back: [b, t, d]."""
@@ -165,11 +169,15 @@ class Block(nnx.Module):
         self.fc2 = _linear(mlp_hidden, dim, dtype, rngs)
         self.fp8_matmuls = False  # models.fp8.with_fp8_matmuls sets it on the target copy
 
-    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, kv_lengths: jax.Array | None = None, first_query: int = 0
+    ) -> jax.Array:
+        """The block's output at x's rows from `first_query` on (the predictor's last block
+        reads only its targets' rows; the FP8 target encoder keeps every row)."""
         if self.fp8_matmuls:
             return fp8.block_forward(self, x, kv_lengths, gelu)
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
-        x = x + self.attn(self.norm1(x), kv_lengths)
+        x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
         return x + self.fc2(gelu(self.fc1(self.norm2(x))))
 
 
@@ -216,15 +224,33 @@ class BlockStack(nnx.Module):
 
         self.layers = make(rngs)
 
-    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, kv_lengths: jax.Array | None = None, first_query: int = 0
+    ) -> jax.Array:
+        """The blocks in order; the output at x's rows from `first_query` on, which the last
+        block alone computes (every row still serves it as a key and a value)."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def step(x, layer):
-            return nnx.merge(graphdef, layer)(x, kv_lengths), None
+        def apply(x, layer, first_query=0):
+            def block(x, layer):
+                return nnx.merge(graphdef, layer)(x, kv_lengths, first_query)
 
-        if self.remat:
-            step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-        return jax.lax.scan(step, x, stacked, unroll=1 if self.scan else self.depth)[0]
+            if self.remat:
+                block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+            return block(x, layer)
+
+        def step(x, layer):
+            return apply(x, layer), None
+
+        def scan(x, layers, depth):
+            return (
+                jax.lax.scan(step, x, layers, unroll=1 if self.scan else depth)[0] if depth else x
+            )
+
+        if not first_query:
+            return scan(x, stacked, self.depth)
+        x = scan(x, jax.tree.map(lambda a: a[:-1], stacked), self.depth - 1)
+        return apply(x, jax.tree.map(lambda a: a[-1], stacked), first_query)
 
 
 def patch_grid(image_size: int, patch_size: int) -> tuple[int, int]:
