@@ -126,6 +126,8 @@ def test_dense_against_float32():
 def test_with_fp8_matmuls_changes_only_the_copy():
     encoder = models.create("vit_t16", attention="xla", image_size=64, seed=0).encoder
     copy = models.with_fp8_matmuls(encoder)
+    with pytest.raises(ValueError, match="compute every row"):
+        copy.blocks(jnp.zeros((1, 16, 192)), first_query=4)
     assert copy.blocks.layers.fp8_matmuls and not encoder.blocks.layers.fp8_matmuls
     for a, b in zip(
         jax.tree.leaves(nnx.state(encoder)), jax.tree.leaves(nnx.state(copy)), strict=True

@@ -215,6 +215,25 @@ def test_attention_pads_its_input_once_and_computes_the_same(monkeypatch, with_l
         assert g.shape == w.shape and rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "fn,batch,tokens,multiple",
+    [
+        (attention.cudnn_attention_short_backward, 128, 51, 1),  # 6528 rows tile unpadded
+        (attention.cudnn_attention_short_backward, 64, 51, 8),  # 3264 do not; 64 x 56 do
+        (attention.cudnn_attention_forward, 48, 196, 8),  # the target encoder's, batch 48
+        (attention.cudnn_attention_forward, 13, 196, 1),  # neither tiles: XLA, no padding
+        (attention.cudnn_attention_short_backward, 16, 130, 8),  # long: cuDNN pads inside
+        (attention.cudnn_attention, 128, 51, 8),  # trains with cuDNN: always padded
+        (attention.xla_attention, 64, 51, 1),  # XLA's attention takes any length
+    ],
+)
+def test_the_kernel_input_is_padded_where_attention_or_tiling_needs_it(fn, batch, tokens, multiple):
+    """cuDNN's calls that take any length leave tokens unpadded unless only padding to 8 lets
+    the q/k/v kernel tile batch x tokens rows (as it did when every length was padded)."""
+    attn = vit.Attention(256, 4, fn, dtype=jnp.bfloat16, fused_qkv=True, rngs=nnx.Rngs(0))
+    assert attn._kernel_multiple(batch, tokens) == multiple
+
+
 @pytest.mark.gpu
 @needs_the_kernel
 @pytest.mark.parametrize("k,n_out", [(256, 256), (384, 384), (768, 768), (1280, 1280), (256, 192)])

@@ -13,6 +13,8 @@ from numerics import fresh_key, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, kernels, models, presets
+from jepa_jax.kernels import dense
+from jepa_jax.models import layers, vit
 from jepa_jax.models.vit import SIZES, BlockStack, gelu, patchify, sincos_pos_embed
 
 
@@ -172,19 +174,39 @@ def test_predictor_ignores_padding(tiny):
 
 
 @pytest.mark.parametrize(
-    "scan,remat,depth", [(True, False, 3), (False, True, 2), (False, False, 1)]
+    "scan,remat,depth,fused",
+    [
+        (True, False, 3, False),
+        (False, True, 2, False),
+        (False, False, 1, False),
+        (False, False, 2, True),
+    ],
 )
-def test_the_last_block_computes_only_the_rows_read_out(scan, remat, depth):
+def test_the_last_block_computes_only_the_rows_read_out(monkeypatch, scan, remat, depth, fused):
     """The predictor reads out its targets' rows only, so its last block computes those alone:
     values and gradients (parameters and input) as the whole stack's, sliced after. Scanned and
-    unrolled, with and without rematerialisation, and a stack of one block."""
-    f32 = dict(dtype=jnp.float32, residual_dtype=jnp.float32)
+    unrolled, with and without rematerialisation, a stack of one block, and the q/k/v kernel's
+    path (its XLA statement here) with the input padded to 16 tokens before it."""
+    calls = []
+    if fused:
+
+        def kernel_stand_in(*args, **kw):
+            calls.append(args[0].shape)
+            return dense.reference(*args, **kw)
+
+        monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
+        monkeypatch.setattr(vit, "seq_multiple", lambda fn, tokens: 8)
+    width = 256 if fused else 32  # a width the kernel tiles
+    f32 = dict(dtype=jnp.float32, residual_dtype=jnp.float32, fused_qkv=fused)
     reference = attention.get("reference")
-    stack = BlockStack(depth, 32, 2, 64, reference, **f32, remat=remat, scan=scan, rngs=nnx.Rngs(0))
+    stack = BlockStack(
+        depth, width, 2, 64, reference, **f32, remat=remat, scan=scan, rngs=nnx.Rngs(0)
+    )
     graphdef, params = nnx.split(stack)
     key = fresh_key()
-    x = jax.random.normal(key, (3, 11, 32))
-    lengths = jax.random.randint(key, (3,), 6, 12)
+    batch = 8  # 8 x 16 padded tokens: rows the kernel tiles
+    x = jax.random.normal(key, (batch, 11, width))
+    lengths = jax.random.randint(key, (batch,), 6, 12)
     first = 5
 
     def loss(params, x, first_query):
@@ -195,7 +217,8 @@ def test_the_last_block_computes_only_the_rows_read_out(scan, remat, depth):
     with jax.default_matmul_precision("highest"):
         (_, got), got_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, first)
         (_, want), want_grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x, 0)
-    assert got.shape == want.shape == (3, 11 - first, 32)
+    assert got.shape == want.shape == (batch, 11 - first, width)
+    assert set(calls) == ({(batch * 16, width)} if fused else set())  # padded, then the kernel
     assert rel_err(got, want) < 1e-6
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         assert g.shape == w.shape and rel_err(g, w) < 1e-5

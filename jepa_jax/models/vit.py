@@ -20,8 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jepa_jax.attention import AttentionFn, pad_tokens, seq_multiple
-from jepa_jax.kernels.dense import width_tiles
+from jepa_jax.attention import (
+    CUDNN_SEQ_MULTIPLE,
+    AttentionFn,
+    cudnn_attention_forward,
+    cudnn_attention_short_backward,
+    pad_tokens,
+    seq_multiple,
+)
+from jepa_jax.kernels.dense import tiling_for, width_tiles
 from jepa_jax.models import fp8
 from jepa_jax.models.layers import linear_split
 
@@ -98,13 +105,26 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """Attention over x's rows; only rows from `first_query` on are returned (and
         projected), every row still serving as a key and a value."""
-        t = x.shape[1]
-        # With the kernel on, pad the input once where the attention would pad q, k and v apart
-        # after the kernel has written them.
-        multiple = seq_multiple(self.attn_fn, t) if self.fused_qkv else 1
+        b, t = x.shape[:2]
+        multiple = self._kernel_multiple(b, t) if self.fused_qkv else 1
         (x,), kv_lengths = pad_tokens((x,), kv_lengths, multiple)
         q, k, v = linear_split(self.qkv, x, 3, self.fused_qkv)
         return self.proj(self.attend(q, k, v, kv_lengths)[:, first_query:t])
+
+    def _kernel_multiple(self, batch: int, tokens: int) -> int:
+        """The token multiple to pad x to before the q/k/v kernel, once: what the attention
+        would pad q, k and v to apart after it; or, for cuDNN's calls that take any length,
+        8 where only that lets the kernel tile batch x tokens rows."""
+        multiple = seq_multiple(self.attn_fn, tokens)
+        if multiple > 1 or self.attn_fn not in (
+            cudnn_attention_short_backward,
+            cudnn_attention_forward,
+        ):
+            return multiple
+        padded = -(-tokens // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
+        width = self.qkv.in_features
+        tiles = [tiling_for(batch * n, width, width) is not None for n in (tokens, padded)]
+        return CUDNN_SEQ_MULTIPLE if tiles == [False, True] else 1
 
     def attend(self, q, k, v, kv_lengths) -> jax.Array:
         """The attention of [b, t, d] q, k and v, split into heads and merged back: [b, t, d]."""
@@ -175,6 +195,8 @@ class Block(nnx.Module):
         """The block's output at x's rows from `first_query` on (the predictor's last block
         reads only its targets' rows; the FP8 target encoder keeps every row)."""
         if self.fp8_matmuls:
+            if first_query:
+                raise ValueError("FP8 blocks (the target encoder's) compute every row")
             return fp8.block_forward(self, x, kv_lengths, gelu)
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
@@ -184,7 +206,8 @@ class Block(nnx.Module):
 class BlockStack(nnx.Module):
     """`depth` blocks with stacked parameters, applied in order.
 
-    `scan=True` compiles one block inside a loop (fastest compile); `scan=False` unrolls the
+    `scan=True` compiles one block inside a loop (fastest compile; a second for a last block
+    that computes only some rows, the predictor's); `scan=False` unrolls the
     loop, which on an H100 ran 1.3-1.45x faster with 25% less memory (BENCHMARKS.md): a scanned
     loop copies each layer's parameter slice and stacks residuals through dynamic updates.
     """
