@@ -90,11 +90,14 @@ def _refuse_gradient(*_):
 _cudnn_forward_only.defvjp(_refuse_gradient, _refuse_gradient)
 
 
+# cuDNN's calls that a network trains through: they pad where cuDNN's training kernels need it.
+_CUDNN_TRAINABLE = (cudnn_attention, cudnn_attention_short_backward)
+
+
 def forward_only(attn_fn: AttentionFn) -> AttentionFn:
     """The attention for a network that only runs forward: cuDNN's without the padding its
     training kernels need, or `attn_fn` itself where it is not cuDNN's."""
-    cudnn = (cudnn_attention, cudnn_attention_short_backward)
-    return cudnn_attention_forward if attn_fn in cudnn else attn_fn
+    return cudnn_attention_forward if attn_fn in _CUDNN_TRAINABLE else attn_fn
 
 
 def _short(tokens: int) -> bool:
@@ -153,7 +156,7 @@ def seq_multiple(attn_fn: AttentionFn, tokens: int) -> int:
     caller that can pad earlier, where it is cheaper."""
     if attn_fn is cudnn_attention_short_backward and _short(tokens):
         return 1
-    return CUDNN_SEQ_MULTIPLE if attn_fn in (cudnn_attention, cudnn_attention_short_backward) else 1
+    return CUDNN_SEQ_MULTIPLE if attn_fn in _CUDNN_TRAINABLE else 1
 
 
 _BY_NAME: dict[str, AttentionFn] = {
