@@ -7,11 +7,12 @@ cuDNN attention's partitioning rules are written for them.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import jax
@@ -183,6 +184,23 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
         _check_process_rows(sharding, global_shape[0])
         out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
     return out
+
+
+def device_batches(
+    mesh: Mesh, host_batches: Iterable[dict[str, np.ndarray]], ahead: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """`global_batch` of each host batch in order, each put on the devices `ahead - 1` batches
+    before it is yielded, so its transfer has a whole step to finish in.
+
+    Put just before its step, a batch cost that step: B/16 steps ran 0.3 ms (1%) slower than
+    with their batches put long before (BENCHMARKS.md, the twelfth session's feeding probe).
+    """
+    queue = collections.deque()
+    for host in host_batches:
+        queue.append(global_batch(mesh, host))
+        if len(queue) >= ahead:
+            yield queue.popleft()
+    yield from queue
 
 
 @functools.lru_cache(maxsize=16)

@@ -194,6 +194,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> TrainState:
             process_count=jax.process_count(),
         )
         cleanup.callback(batches.close)  # stops grain's worker processes
+        on_device = sharding.device_batches(mesh, batches)
         evaluator = evaluate.periodic(config, mesh)  # k-NN every config.eval.every steps, or None
         evaluated: dict[str, float] = {}  # logged with the next metrics line
         net, state, tx = build(config, mesh)
@@ -217,8 +218,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> TrainState:
         stopped, done = None, first
         with StopSignals() as stop:
             for step in range(first, config.total_steps):
-                batch = sharding.global_batch(mesh, next(batches))
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, next(on_device))
                 done = step + 1
                 totals.add(metrics, done)
                 writer.tick(done, metrics)  # progress bar; times the compiling first step apart

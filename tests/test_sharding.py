@@ -148,3 +148,21 @@ def test_fsdp8_trains_vit_b16_shaped_model(run_steps):
             assert "fsdp" in leaf.sharding.spec, (leaf.shape, leaf.sharding.spec)
     # params, EMA target and both Adam moments split 8 ways; only scalars replicate
     assert per_device < total / 8 * 1.01
+
+
+def test_device_batches_are_put_a_step_ahead_and_in_order():
+    mesh = mesh_of(jax.device_count(), 1)
+    rows = 2 * jax.device_count()
+    for ahead in (1, 2, 3):
+        taken = []
+
+        def host_batches(taken=taken):
+            for i in range(5):
+                taken.append(i)
+                yield {"x": np.full((rows, 3), i, np.float32)}
+
+        batches = sharding.device_batches(mesh, host_batches(), ahead)
+        first = next(batches)
+        assert len(taken) == ahead  # those after it are already on their way to the devices
+        assert first["x"].sharding == sharding.batch_sharding(mesh)
+        assert [float(b["x"][0, 0]) for b in [first, *batches]] == [0, 1, 2, 3, 4]

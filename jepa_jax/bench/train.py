@@ -3,6 +3,7 @@ measurement (`train --_child PATH`), reporting img/s, MFU and peak memory."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -62,12 +63,15 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     pool = [rng.integers(0, 256, (local, side, side, 3), np.uint8) for _ in range(count)]
     target_lens = []
 
-    def batch_at(step: int) -> dict:
-        host = data.synthetic_batch(config, spec, pool[step % count], step)
-        target_lens.append(float(host["target_len"].mean()))  # a block size per mask group
-        return sharding.global_batch(mesh, host)
+    def host_batches():
+        for step in itertools.count():
+            host = data.synthetic_batch(config, spec, pool[step % count], step)
+            target_lens.append(float(host["target_len"].mean()))  # a block size per mask group
+            yield host
 
-    batch = batch_at(0)
+    # Fed as train.py feeds them: each batch put on the device a step before its own.
+    batches = sharding.device_batches(mesh, host_batches())
+    batch = next(batches)
     start = time.perf_counter()
     lowered = step_fn.lower(state, batch)
     lowered_at = time.perf_counter()
@@ -85,18 +89,15 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     out["first_step_s"] = time.perf_counter() - start
 
     total = args.warmup + args.steps
-    batch = batch_at(1) if total else None
-    for i in range(1, args.warmup + 1):
-        state, metrics = compiled(state, batch)
-        batch = batch_at(i + 1)
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, next(batches))
     jax.block_until_ready((state, metrics))
     # Steady state as train.py runs it: steps dispatched back to back, the host preparing the
     # next batch while the device works, one synchronisation at the end. Syncing every step
     # would add a launch bubble per step (~2800 kernels per B/16 step) that training never sees.
     start = time.perf_counter()
-    for i in range(args.warmup + 1, total + 1):
-        state, metrics = compiled(state, batch)
-        batch = batch_at(i + 1) if i < total else None
+    for _ in range(args.steps):
+        state, metrics = compiled(state, next(batches))
     jax.block_until_ready((state, metrics))
     window = time.perf_counter() - start
     useful = [flops_per_image(config, spec, target_tokens=t) for t in target_lens[: total + 1]]
