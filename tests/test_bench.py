@@ -226,12 +226,16 @@ def test_profile_counts_the_time_no_gpu_stream_runs_a_kernel():
         _trace_event("a", 1, 7, 10.0, ts=100.0),
         _trace_event("b", 1, 9, 10.0, ts=105.0),  # the other stream, overlapping a
         _trace_event("c", 1, 7, 2.0, ts=108.0),  # inside a and b
-        _trace_event("d", 1, 7, 5.0, ts=115.0 + gap),
+        _trace_event("d_3", 1, 7, 5.0, ts=115.0 + gap),
         _trace_event("host work", 2, 7, 1000.0, ts=0.0),
     ]
     trace = {"traceEvents": GPU_STREAM + [second, host] + kernels}
     assert bench.gpu_idle_us(trace) == pytest.approx(gap)
     assert bench.gpu_idle_us({"traceEvents": GPU_STREAM}) == 0.0
+    kernels.append(_trace_event("d_17", 1, 9, 1.0, ts=130.0 + 2 * gap))  # d's group waited again
+    kernels.append(_trace_event("e", 1, 7, 1.0, ts=140.0 + 2 * gap))
+    waits = bench.idle_before({"traceEvents": GPU_STREAM + [second, host] + kernels}, steps=2)
+    assert waits == pytest.approx({"d_#": (2 * gap + 10) / 2e3, "e": 9 / 2e3})
 
 
 def test_profile_gives_fusion_groups_the_bytes_their_kernels_move():

@@ -31,7 +31,13 @@ from jepa_jax.bench.breakdown import breakdown_rows
 from jepa_jax.bench.cli import MODES, main, parse_args
 from jepa_jax.bench.common import format_table, load_config
 from jepa_jax.bench.max_batch import max_batch_one
-from jepa_jax.bench.profile import device_kernels, fusion_bytes, gpu_idle_us, kernel_table
+from jepa_jax.bench.profile import (
+    device_kernels,
+    fusion_bytes,
+    gpu_idle_us,
+    idle_before,
+    kernel_table,
+)
 from jepa_jax.bench.train import train_row
 from jepa_jax.flops import flops_per_image, step_flops_by_part
 
@@ -45,6 +51,7 @@ __all__ = [
     "format_table",
     "fusion_bytes",
     "gpu_idle_us",
+    "idle_before",
     "kernel_table",
     "load_config",
     "main",

@@ -98,17 +98,33 @@ def device_kernels(trace) -> list[tuple[str, float]]:
     return [(e["name"], float(e["dur"])) for e in _stream_events(trace)]
 
 
+def idle_gaps(trace) -> list[tuple[float, str]]:
+    """(microseconds, the kernel that ends it) for each stretch between the first kernel's
+    start and the last one's end in which no GPU stream ran a kernel: launch gaps inside and
+    between steps, and waits on the host."""
+    events = sorted(_stream_events(trace), key=lambda e: float(e["ts"]))
+    gaps, busy_until = [], float(events[0]["ts"]) if events else 0.0
+    for e in events:
+        start = float(e["ts"])
+        if start > busy_until:
+            gaps.append((start - busy_until, e["name"]))
+        busy_until = max(busy_until, start + float(e["dur"]))
+    return gaps
+
+
 def gpu_idle_us(trace) -> float:
-    """Microseconds between the first kernel's start and the last one's end in which no GPU
-    stream ran a kernel: launch gaps inside and between steps, and waits on the host."""
-    spans = sorted(
-        (float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in _stream_events(trace)
-    )
-    idle, busy_until = 0.0, spans[0][0] if spans else 0.0
-    for start, end in spans:
-        idle += max(0.0, start - busy_until)
-        busy_until = max(busy_until, end)
-    return idle
+    """Microseconds in which no GPU stream ran a kernel, between the first and the last."""
+    return sum(gap for gap, _ in idle_gaps(trace))
+
+
+def idle_before(trace, steps: int, top: int = 5) -> dict[str, float]:
+    """The kernel groups that most often had the GPU wait for them: ms per step of idle time
+    just before each group's kernels, largest first (where launch overhead and host waits
+    sit, e.g. a custom call that a CUDA graph cannot hold)."""
+    waits = collections.Counter()
+    for gap, name in idle_gaps(trace):
+        waits[kernel_group(name)] += gap
+    return {group: us / 1e3 / steps for group, us in waits.most_common(top)}
 
 
 def kernel_table(
@@ -174,6 +190,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
         "kernel_ms_per_step": sum(by_kind.values()),
         "kernel_ms_by_kind": dict(by_kind),
         "gpu_idle_ms_per_step": gpu_idle_us(trace) / 1e3 / args.steps,
+        "gpu_idle_before_ms_per_step": idle_before(trace, args.steps),
         "trace_dir": trace_dir,
     }
     return [{"impl": impl, **row} for row in table[: args.top]], summary
@@ -190,6 +207,9 @@ def run_profile(args) -> dict:
             f"{summary['kernel_ms_per_step']:.2f} ms of kernels per step ({kinds}), "
             f"GPU idle {summary['gpu_idle_ms_per_step']:.2f} ms per step between them"
         )
+        waits = summary["gpu_idle_before_ms_per_step"]
+        if waits:
+            found += " (most before " + ", ".join(f"{g} {ms:.3f}" for g, ms in waits.items()) + ")"
         if not impl_rows:
             found = "no GPU kernels in the trace (on a CPU it holds host events only)"
         print(f"{impl}: {found}; trace in {summary['trace_dir']}", flush=True)
