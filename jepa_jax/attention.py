@@ -94,6 +94,11 @@ _cudnn_forward_only.defvjp(_refuse_gradient, _refuse_gradient)
 _CUDNN_TRAINABLE = (cudnn_attention, cudnn_attention_short_backward)
 
 
+def runs_cudnn(attn_fn: AttentionFn) -> bool:
+    """Whether `attn_fn` is one of cuDNN's calls, trained through or forward only."""
+    return attn_fn in _CUDNN_TRAINABLE or attn_fn is cudnn_attention_forward
+
+
 def forward_only(attn_fn: AttentionFn) -> AttentionFn:
     """The attention for a network that only runs forward: cuDNN's without the padding its
     training kernels need, or `attn_fn` itself where it is not cuDNN's."""

@@ -23,9 +23,8 @@ from flax import nnx
 from jepa_jax.attention import (
     CUDNN_SEQ_MULTIPLE,
     AttentionFn,
-    cudnn_attention_forward,
-    cudnn_attention_short_backward,
     pad_tokens,
+    runs_cudnn,
     seq_multiple,
 )
 from jepa_jax.kernels.dense import tiling_for, width_tiles
@@ -116,10 +115,7 @@ class Attention(nnx.Module):
         would pad q, k and v to apart after it; or, for cuDNN's calls that take any length,
         8 where only that lets the kernel tile batch x tokens rows."""
         multiple = seq_multiple(self.attn_fn, tokens)
-        if multiple > 1 or self.attn_fn not in (
-            cudnn_attention_short_backward,
-            cudnn_attention_forward,
-        ):
+        if multiple > 1 or not runs_cudnn(self.attn_fn):
             return multiple
         padded = -(-tokens // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
         width = self.qkv.in_features
