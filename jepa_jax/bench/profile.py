@@ -2,8 +2,9 @@
 
 Kernels are grouped by name with digits masked, so one group is one fusion kind or one GEMM
 kernel family summed over all layers, and classed as gemm, attention, copy or fusion. The trace
-itself stays under --trace-dir for Perfetto or TensorBoard. XLA runs the step as CUDA graphs,
-so kernels carry no HLO op names; XLA_FLAGS=--xla_gpu_enable_command_buffer= brings them back.
+itself stays under --trace-dir for Perfetto or TensorBoard. While profiling, XLA runs the step
+op by op instead of as CUDA graphs, so kernels carry their fusions' names; a B/16 step runs as
+fast without graphs (BENCHMARKS.md, thirteenth session), so the trace times the real step.
 On a CPU the trace holds host events only, and the kernel table is empty.
 
 Each fusion group also gets the bytes its kernels must move (every operand read once, every
@@ -12,7 +13,7 @@ to set beside the card's copy bandwidth. XLA names a fusion's kernel after the f
 identical fusions through one kernel, so a kernel name stands for one fusion's shapes.
 
 The summary also gives the time, within the traced steps, when no GPU stream ran a kernel
-(launch gaps and waits on the host): what a step loses beyond its kernels.
+(launch gaps and waits on the host), and which kernels those gaps came before.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def gpu_idle_us(trace) -> float:
 def idle_before(trace, steps: int, top: int = 5) -> dict[str, float]:
     """The kernel groups that most often had the GPU wait for them: ms per step of idle time
     just before each group's kernels, largest first (where launch overhead and host waits
-    sit, e.g. a custom call that a CUDA graph cannot hold)."""
+    sit)."""
     waits = collections.Counter()
     for gap, name in idle_gaps(trace):
         waits[kernel_group(name)] += gap
