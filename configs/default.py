@@ -64,8 +64,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.short_attention_backward = "auto"
     # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs
-    # on Hopper and later, the same rounding emulated elsewhere. On an H200 steps ran 11.3%
-    # faster at ViT-H/14 and 2.1% at ViT-B/16; the targets carry about 10x bf16's rounding error
+    # on Hopper and later, the same rounding emulated elsewhere. On an H200 steps ran 9-11%
+    # faster at ViT-H/14 and 2% at ViT-B/16; the targets carry about 10x bf16's rounding error
     # (BENCHMARKS.md: loss curves). The parameters' layout and checkpoints do not change.
     c.model.fp8 = "off"
     # Precision as the release's bf16 autocast: matmuls and attention take `dtype` inputs (float32
@@ -75,7 +75,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # bfloat16 | float16 | float32
     c.model.residual_dtype = "float32"  # float32 (the release) | bfloat16 | float16
     c.model.remat = False  # recompute block activations in the backward pass to save memory
-    # Run the blocks as one scanned loop: compiles ~2.5x faster, but steps run 1.3-1.45x slower
+    # Run the blocks as one scanned loop: compiles ~2.5x faster, but steps run 1.2-1.3x slower
     # on an H100 (BENCHMARKS.md). Off: the layers are unrolled.
     c.model.scan_layers = tiny  # tiny: CPU tests and quick starts, where compile time dominates
 
@@ -88,12 +88,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Context tokens per image, fixed so the step compiles once; -1 derives it from the grid and
     # scales (the length upstream's per-batch trimming gives on average).
     c.mask.num_context_tokens = -1
-    # The release's per-GPU batch (128 for the 224-px IN-1K recipes, 16 for H/16-448 and G/16):
-    # it trims masks to the minimum over that many images, which -1 above reproduces on average.
+    # The release's per-GPU batch (128 for the 224-px IN-1K recipes, 32 for IN-22K H/14, 16 for
+    # H/16-448 and G/16): it trims masks to the minimum over that many images, which -1 above
+    # reproduces on average.
     c.mask.trim_batch = recipe.trim_batch
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "builtin"  # builtin (procedural images, no download) | folder
+    c.data.source = "builtin"  # builtin (procedural images, no download) | digits | folder
     c.data.path = ""  # image folder (root/class/*.JPEG or flat) when source=folder
     c.data.num_workers = 0 if small else 8  # grain worker processes per host (0: in-process)
     c.data.crop_scale = (0.3, 1.0)  # RandomResizedCrop area range

@@ -204,7 +204,7 @@ class BlockStack(nnx.Module):
 
     `scan=True` compiles one block inside a loop (fastest compile; a second for a last block
     that computes only some rows, the predictor's); `scan=False` unrolls the
-    loop, which on an H100 ran 1.3-1.45x faster with 25% less memory (BENCHMARKS.md): a scanned
+    loop, which on an H100 ran 1.2-1.3x faster with 25% less memory (BENCHMARKS.md): a scanned
     loop copies each layer's parameter slice and stacks residuals through dynamic updates.
     """
 
