@@ -192,8 +192,9 @@ def device_batches(
     """`global_batch` of each host batch in order, each put on the devices `ahead - 1` batches
     before it is yielded, so its transfer has a whole step to finish in.
 
-    Put just before its step, a batch cost that step: B/16 steps ran 0.3 ms (1%) slower than
-    with their batches put long before (BENCHMARKS.md, the twelfth session's feeding probe).
+    Put just before its step, a batch cost that step about 0.3 ms at B/16 in a feeding probe;
+    in whole benched steps putting them ahead measured level (BENCHMARKS.md, the twelfth and
+    thirteenth sessions), but a loader slower than the bench's keeps a whole step to hide in.
     """
     queue = collections.deque()
     for host in host_batches:

@@ -230,11 +230,11 @@ def test_profile_counts_the_time_no_gpu_stream_runs_a_kernel():
         _trace_event("host work", 2, 7, 1000.0, ts=0.0),
     ]
     trace = {"traceEvents": GPU_STREAM + [second, host] + kernels}
-    assert bench.gpu_idle_us(trace) == pytest.approx(gap)
-    assert bench.gpu_idle_us({"traceEvents": GPU_STREAM}) == 0.0
+    assert bench.idle_per_step(trace, steps=1)[0] == pytest.approx(gap / 1e3)
+    assert bench.idle_per_step({"traceEvents": GPU_STREAM}, steps=1) == (0.0, {})
     kernels.append(_trace_event("d_17", 1, 9, 1.0, ts=130.0 + 2 * gap))  # d's group waited again
     kernels.append(_trace_event("e", 1, 7, 1.0, ts=140.0 + 2 * gap))
-    waits = bench.idle_before({"traceEvents": GPU_STREAM + [second, host] + kernels}, steps=2)
+    _, waits = bench.idle_per_step({"traceEvents": GPU_STREAM + [second, host] + kernels}, 2)
     assert waits == pytest.approx({"d_#": (2 * gap + 10) / 2e3, "e": 9 / 2e3})
 
 

@@ -34,8 +34,7 @@ from jepa_jax.bench.max_batch import max_batch_one
 from jepa_jax.bench.profile import (
     device_kernels,
     fusion_bytes,
-    gpu_idle_us,
-    idle_before,
+    idle_per_step,
     kernel_table,
 )
 from jepa_jax.bench.train import train_row
@@ -50,8 +49,7 @@ __all__ = [
     "flops_per_image",
     "format_table",
     "fusion_bytes",
-    "gpu_idle_us",
-    "idle_before",
+    "idle_per_step",
     "kernel_table",
     "load_config",
     "main",

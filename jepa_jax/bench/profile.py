@@ -113,19 +113,16 @@ def idle_gaps(trace) -> list[tuple[float, str]]:
     return gaps
 
 
-def gpu_idle_us(trace) -> float:
-    """Microseconds in which no GPU stream ran a kernel, between the first and the last."""
-    return sum(gap for gap, _ in idle_gaps(trace))
-
-
-def idle_before(trace, steps: int, top: int = 5) -> dict[str, float]:
-    """The kernel groups that most often had the GPU wait for them: ms per step of idle time
-    just before each group's kernels, largest first (where launch overhead and host waits
-    sit)."""
+def idle_per_step(trace, steps: int, top: int = 5) -> tuple[float, dict[str, float]]:
+    """(ms per step in which no GPU stream ran a kernel, between the first and the last;
+    the `top` kernel groups the GPU most waited for: ms per step of idle time just before each
+    group's kernels, largest first, where launch overhead and host waits sit)."""
+    gaps = idle_gaps(trace)
     waits = collections.Counter()
-    for gap, name in idle_gaps(trace):
+    for gap, name in gaps:
         waits[kernel_group(name)] += gap
-    return {group: us / 1e3 / steps for group, us in waits.most_common(top)}
+    before = {group: us / 1e3 / steps for group, us in waits.most_common(top)}
+    return sum(gap for gap, _ in gaps) / 1e3 / steps, before
 
 
 def kernel_table(
@@ -182,6 +179,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
         trace = json.load(f)
     table = kernel_table(device_kernels(trace), args.steps, bytes_by_kernel)
+    idle_ms, idle_before_ms = idle_per_step(trace, args.steps)
     by_kind = collections.Counter()
     for row in table:
         by_kind[row["kind"]] += row["ms_per_step"]
@@ -190,8 +188,8 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
         "traced_wall_ms_per_step": wall_ms,  # includes the profiler's own overhead
         "kernel_ms_per_step": sum(by_kind.values()),
         "kernel_ms_by_kind": dict(by_kind),
-        "gpu_idle_ms_per_step": gpu_idle_us(trace) / 1e3 / args.steps,
-        "gpu_idle_before_ms_per_step": idle_before(trace, args.steps),
+        "gpu_idle_ms_per_step": idle_ms,
+        "gpu_idle_before_ms_per_step": idle_before_ms,
         "trace_dir": trace_dir,
     }
     return [{"impl": impl, **row} for row in table[: args.top]], summary
