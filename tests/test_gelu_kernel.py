@@ -1,0 +1,129 @@
+"""The GELU kernel (`kernels.gelu`): its erf against float64, the kernel against the model's
+GELU (interpreted on a CPU, compiled on a GPU), and `config.model.gelu_kernel`'s resolution."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numerics import fresh_key, rel_err
+
+from configs.default import get_config
+from jepa_jax import attention, configuration, kernels
+from jepa_jax.kernels import gelu as gelu_kernel
+from jepa_jax.models import vit
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def test_its_gelu_is_within_bf16_rounding_of_the_exact_one_at_every_bf16_input():
+    x = np.arange(2**16, dtype=np.uint16).view(jnp.bfloat16).astype(np.float32)
+    x = x[np.isfinite(x)]
+    got = np.asarray(gelu_kernel.gelu_float32(jnp.asarray(x)), np.float64)
+    exact = x * 0.5 * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2)))
+    assert np.isfinite(got).all()
+    # A&S 7.1.26 errs by under 1.5e-7 in erf, so by under 0.75e-7 |x| here, plus float32's
+    # rounding (results below 1e-37 may flush to zero): far below bf16's 2^-8.
+    assert (np.abs(got - exact) <= 3e-7 * np.abs(x) + 1e-37).all()
+
+
+def _random(shape):
+    return (jax.random.normal(fresh_key(), shape) * 3).astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 1024), (4, 3072)])
+def test_the_kernel_matches_the_models_gelu(shape):
+    x = _random(shape)
+    got = gelu_kernel.gelu(x, interpret=not ON_GPU)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert rel_err(got, vit.gelu(x)) < 1e-3  # both float32 inside, rounded to bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(128, 196, 3072), (512, 91, 1536), (128, 68, 5120)])
+def test_compiled_kernel_at_the_step_shapes(shape):
+    x = _random(shape)
+    assert gelu_kernel.fits(x)
+    assert rel_err(jax.jit(gelu_kernel.gelu)(x), vit.gelu(x)) < 1e-3
+
+
+def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_tile(
+    monkeypatch,
+):
+    if not ON_GPU:
+        monkeypatch.setattr(
+            gelu_kernel, "gelu", functools.partial(gelu_kernel.gelu, interpret=True)
+        )
+    for shape, tiles in (((4, 1024), True), ((3, 5, 96), False)):
+        x, g = _random(shape), _random(shape)
+        assert gelu_kernel.fits(x) == tiles
+        out, vjp = jax.vjp(vit.gelu_in_kernel, x)
+        want, want_vjp = jax.vjp(vit.gelu, x)
+        assert rel_err(out, want) < 1e-3
+        assert (vjp(g)[0] == want_vjp(g)[0]).all()  # the same backward, exactly
+        if not tiles:
+            assert (out == want).all()  # XLA's GELU itself
+
+
+def test_a_block_with_the_kernel_computes_what_it_computes_without(monkeypatch):
+    if not ON_GPU:
+        monkeypatch.setattr(
+            gelu_kernel, "gelu", functools.partial(gelu_kernel.gelu, interpret=True)
+        )
+    x = _random((2, 16, 256)).astype(jnp.float32)
+    outs = []
+    for on in (False, True):
+        block = vit.Block(
+            256,
+            4,
+            1024,
+            attention.get("reference"),
+            dtype=jnp.bfloat16,
+            residual_dtype=jnp.float32,
+            gelu_kernel=on,
+            rngs=nnx.Rngs(0),
+        )
+        assert block.gelu is (vit.gelu_in_kernel if on else vit.gelu)
+        outs.append(jax.grad(lambda x, b=block: jnp.sum(b(x) ** 2))(x))
+    assert rel_err(outs[1], outs[0]) < 1e-2
+
+
+def test_settings_resolve_and_bad_ones_are_refused(monkeypatch):
+    assert get_config("tiny").model.gelu_kernel == "auto"
+    assert kernels.setting({}, "gelu_kernel") == "off"  # configs before the field
+    off = kernels.resolve_gelu("off", 1)
+    assert not off.on and off.describe() == "GELU: XLA (config.model.gelu_kernel=off)"
+    with pytest.raises(ValueError, match="gelu_kernel='yes'"):
+        kernels.resolve_gelu("yes", 1)
+    config = get_config("tiny")
+    config.model.gelu_kernel = "yes"
+    with pytest.raises(ValueError, match="model.gelu_kernel"):
+        configuration.validate(config)
+    # Where a GPU passed the check: on for one device, off for a mesh (a Pallas call is not
+    # partitioned).
+    monkeypatch.setattr(kernels, "_gpu_reason", lambda: None)
+    monkeypatch.setattr(kernels, "_gelu_check", lambda: None)
+    assert kernels.resolve_gelu("auto", 1).on
+    assert "Pallas kernel" in kernels.resolve_gelu("auto", 1).describe()
+    two = kernels.resolve_gelu("auto", 2)
+    assert not two.on and "2 devices" in two.reason
+    with pytest.raises(kernels.KernelUnavailableError, match="gelu_kernel=on, but"):
+        kernels.resolve_gelu("on", 2)
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
+def test_without_a_gpu_auto_uses_xla_and_on_says_why():
+    auto = kernels.resolve_gelu("auto", 1)
+    assert not auto.on and auto.reason.startswith("no CUDA GPU")
+    with pytest.raises(kernels.KernelUnavailableError, match="no CUDA GPU.*gelu_kernel=auto"):
+        kernels.resolve_gelu("on", 1)
+    assert "failed its startup check" in kernels._gelu_check.__wrapped__()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_it_passes_its_startup_check():
+    assert kernels._gelu_check.__wrapped__() is None
+    assert kernels.resolve_gelu("auto", 1).on
