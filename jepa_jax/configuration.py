@@ -30,7 +30,7 @@ def validate(config) -> None:
         m.attention,
         f"choose one of {list(IMPLEMENTATIONS)}",
     )
-    for field in ("fused_qkv", "short_attention_backward"):
+    for field in ("fused_qkv", "short_attention_backward", "gelu_kernel"):
         value = kernels.setting(m, field)
         _require(
             value in kernels.SETTINGS,

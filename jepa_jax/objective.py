@@ -28,6 +28,7 @@ class Networks:
     attention: attention_lib.Choice
     layer_counts: dict
     fused_qkv: kernels.FusedQKV
+    gelu_kernel: kernels.GeluKernel
 
 
 def target_features(net: Networks, target_params, images: jax.Array, target_idx) -> jax.Array:

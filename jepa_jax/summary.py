@@ -80,6 +80,7 @@ def startup_lines(config, workdir: str, mesh, net, state, num_images: int) -> li
         f"{_millions(count_params(state.target))} (EMA copy of the encoder, not trained)",
         attention.startup_line(net.attention, net.layer_counts),
         net.fused_qkv.describe(),
+        net.gelu_kernel.describe(),
         *fp8_lines,
         f"Checkpoints: {ckpt_dir} ({saves}, keeping {config.keep_checkpoints})",
         f"Logs: {os.path.join(workdir, 'metrics.jsonl')}; TensorBoard: "

@@ -83,9 +83,12 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     fused = models.resolve_fused_qkv(
         size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size
     )
+    gelu = kernels.resolve_gelu(kernels.setting(m, "gelu_kernel"), mesh.size)
 
     def create_networks():
-        ijepa = models.from_config(m, seed=config.seed, attention=choice, fused_qkv=fused)
+        ijepa = models.from_config(
+            m, seed=config.seed, attention=choice, fused_qkv=fused, gelu_kernel=gelu
+        )
         return ijepa.encoder, ijepa.predictor
 
     def init_params():
@@ -108,9 +111,8 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     state = jax.jit(init_state, out_shardings=shardings)()
     counts = models.layer_counts(encoder, predictor)
     target = models.for_targets(encoder, fp8.setting(m))
-    net = Networks(
-        nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor), choice, counts, fused
-    )
+    graphdefs = (nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor))
+    net = Networks(*graphdefs, choice, counts, fused, gelu)
     return net, state, tx
 
 

@@ -145,6 +145,7 @@ def fake_run(config):
         attention=choice,
         layer_counts={"encoder": 12, "predictor": 2},
         fused_qkv=kernels.resolve("off", dtype="bfloat16", num_devices=1, widths={}),
+        gelu_kernel=kernels.resolve_gelu("off", num_devices=1),
     )
     encoder = {"w": np.zeros((192, 100)), "b": np.zeros(50)}
     state = types.SimpleNamespace(
@@ -160,8 +161,8 @@ def test_startup_summary_and_tensorboard_text_and_masks(tmp_path):
     writer.startup(*fake_run(config))
     writer.close()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 7
-    devices, data_line, params, attention_line, fused_line, checkpoints, logs = lines
+    assert len(lines) == 8
+    devices, data_line, params, attention_line, fused_line, gelu_line, checkpoints, logs = lines
     assert devices.startswith("Devices: ") and "mesh data " in devices
     assert "batch 8 global" in devices
     assert data_line == "Data: built-in procedural images, 1,024 images, 96 px crops"
@@ -169,6 +170,7 @@ def test_startup_summary_and_tensorboard_text_and_masks(tmp_path):
     # No GPU here: auto falling back is expected, not a warning.
     assert attention_line.startswith("Attention: reference in 14 attention layers")
     assert fused_line == "Fused q/k/v: off (config.model.fused_qkv=off)"
+    assert gelu_line == "GELU: XLA (config.model.gelu_kernel=off)"
     assert checkpoints.endswith("checkpoints (every 1000 steps and at the end, keeping 3)")
     assert logs.endswith(f"tensorboard --logdir {tmp_path}/tensorboard")
     texts, images = {}, {}

@@ -42,6 +42,7 @@ def test_parameter_counts(name):
                 pred_dim=384,
                 attention=choice,
                 fused_qkv=kernels.resolve("off", dtype="float32", num_devices=1, widths={}),
+                gelu_kernel=kernels.resolve_gelu("off", num_devices=1),
                 dtype="float32",
                 residual_dtype="float32",
                 remat=False,

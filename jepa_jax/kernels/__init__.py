@@ -4,6 +4,7 @@
   Pallas Mosaic GPU kernel for Hopper (`config.model.fused_qkv`).
 - `short_attention`: attention's backward for sequences of at most 128 tokens, a Pallas Triton
   kernel that replaces cuDNN's (`config.model.short_attention_backward`).
+- `gelu`: the MLPs' exact GELU forward, a Pallas Triton kernel (`config.model.gelu_kernel`).
 
 Each setting is "auto" (the kernel where it can run, XLA's or cuDNN's path elsewhere), "on"
 (one clear error where it cannot run) or "off". Parameters never depend on the choice.
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jepa_jax.attention import Choice, gpu_compute_capability, reference_attention
-from jepa_jax.kernels import dense, short_attention
+from jepa_jax.kernels import dense, gelu, short_attention
 
 SETTINGS = ("auto", "on", "off")
 
@@ -29,8 +30,8 @@ class KernelUnavailableError(RuntimeError):
 
 
 def setting(model_config, field: str) -> str:
-    """`config.model.<field>` (fused_qkv, short_attention_backward); configs saved before the
-    field ran without the kernel (`off`)."""
+    """`config.model.<field>` (fused_qkv, short_attention_backward, gelu_kernel); configs saved
+    before the field ran without the kernel (`off`)."""
     return model_config.get(field, "off")
 
 
@@ -71,7 +72,7 @@ def unavailable_reason(dtype, num_devices: int) -> str | None:
     """Why the q/k/v kernel cannot run for this compute dtype and device count."""
     capability = gpu_compute_capability()
     if capability is None:
-        return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
+        return _gpu_reason()
     if capability[0] != 9:
         major, minor = capability
         return f"GPU compute capability {major}.{minor}: the kernel is written for Hopper (9.0)"
@@ -162,3 +163,46 @@ def _short_backward_check() -> str | None:
         expected = [np.asarray(g) for g in vjp(f32[3])]
     kernel = functools.partial(short_attention.attention_backward, scale=0.25)
     return _startup_check(kernel, (q, k, v, do, lengths), expected, tolerance=2e-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeluKernel:
+    """Whether the MLPs' GELU forward runs in `gelu`'s kernel (`on`), and why not (`reason`)."""
+
+    on: bool
+    reason: str | None = None
+
+    def describe(self) -> str:
+        if self.on:
+            return "GELU: forward in a Pallas kernel (XLA's where a shape does not tile)"
+        return f"GELU: XLA ({self.reason})"
+
+
+def resolve_gelu(setting: str, num_devices: int) -> GeluKernel:
+    """What `config.model.gelu_kernel` means here; raises KernelUnavailableError for an `on`
+    that cannot run, naming the cause and the fix."""
+    _check_setting("gelu_kernel", setting)
+    if setting == "off":
+        return GeluKernel(False, "config.model.gelu_kernel=off")
+    reason = _gpu_reason() or _one_device_reason(num_devices) or _gelu_check()
+    if reason and setting == "on":
+        raise _unavailable("gelu_kernel", "the GELU kernel", reason, "XLA")
+    return GeluKernel(reason is None, reason)
+
+
+def _gpu_reason() -> str | None:
+    if gpu_compute_capability() is None:
+        return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
+    return None
+
+
+@functools.cache
+def _gelu_check() -> str | None:
+    """The kernel on fixed random bf16 inputs, against the exact GELU in float32."""
+    x = (np.random.default_rng(0).standard_normal(gelu.ROWS * gelu.COLUMNS) * 3).astype(
+        jnp.bfloat16
+    )
+    xf = x.astype(np.float32)
+    with jax.ensure_compile_time_eval():
+        expected = np.asarray(jax.nn.gelu(jnp.asarray(xf), approximate=False))
+    return _startup_check(lambda a: (gelu.gelu(a),), (x,), [expected], tolerance=1e-2)

@@ -19,13 +19,14 @@ from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 @dataclasses.dataclass
 class IJEPA:
     """The context encoder, its EMA target copy, the predictor, the attention that runs, and
-    whether the q/k/v kernel runs."""
+    whether the q/k/v and GELU kernels run."""
 
     encoder: VisionTransformer
     target_encoder: VisionTransformer
     predictor: Predictor
     attention: attention_lib.Choice
     fused_qkv: kernels.FusedQKV
+    gelu_kernel: kernels.GeluKernel
 
     def layer_counts(self) -> dict[str, int]:
         return layer_counts(self.encoder, self.predictor)
@@ -60,6 +61,7 @@ def create(
     scan_layers: bool = False,
     fused_qkv: str = "auto",
     short_attention_backward: str = "auto",
+    gelu_kernel: str = "auto",
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
@@ -85,6 +87,7 @@ def create(
             num_devices=jax.device_count(),
         ),
         fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
+        gelu_kernel=kernels.resolve_gelu(gelu_kernel, jax.device_count()),
         dtype=dtype,
         residual_dtype=residual_dtype,
         remat=remat,
@@ -98,9 +101,10 @@ def from_config(
     seed: int = 0,
     attention: attention_lib.Choice | None = None,
     fused_qkv: kernels.FusedQKV | None = None,
+    gelu_kernel: kernels.GeluKernel | None = None,
 ) -> IJEPA:
     """Build from a validated `config.model` (configs/default.py, configuration.validate);
-    `attention` and `fused_qkv` skip resolving again."""
+    `attention`, `fused_qkv` and `gelu_kernel` skip resolving again."""
     size = encoder_size(model_config)
     return build(
         size,
@@ -125,6 +129,8 @@ def from_config(
             model_config.dtype,
             jax.device_count(),
         ),
+        gelu_kernel=gelu_kernel
+        or kernels.resolve_gelu(kernels.setting(model_config, "gelu_kernel"), jax.device_count()),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
         remat=model_config.remat,
@@ -166,6 +172,7 @@ def build(
     pred_dim: int,
     attention: attention_lib.Choice,
     fused_qkv: kernels.FusedQKV,
+    gelu_kernel: kernels.GeluKernel,
     dtype: str,
     residual_dtype: str,
     remat: bool,
@@ -185,9 +192,10 @@ def build(
         remat,
         scan_layers,
         fused_qkv.on,
+        gelu_kernel.on,
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
-    return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv)
+    return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv, gelu_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +213,7 @@ class _Networks:
     remat: bool
     scan: bool
     fused_qkv: bool
+    gelu_kernel: bool
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -218,6 +227,7 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         remat=n.remat,
         scan=n.scan,
         fused_qkv=n.fused_qkv,
+        gelu_kernel=n.gelu_kernel,
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)

@@ -32,6 +32,7 @@ class Predictor(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
+        gelu_kernel: bool = False,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
@@ -49,6 +50,7 @@ class Predictor(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
+            gelu_kernel=gelu_kernel,
             rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, residual_dtype, rngs)

@@ -27,6 +27,7 @@ from jepa_jax.attention import (
     runs_cudnn,
     seq_multiple,
 )
+from jepa_jax.kernels import gelu as gelu_kernel
 from jepa_jax.kernels.dense import tiling_for, width_tiles
 from jepa_jax.models import fp8
 from jepa_jax.models.layers import linear_split
@@ -158,12 +159,23 @@ def _gelu_backward(x, grad):
 gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
+@jax.custom_vjp
+def gelu_in_kernel(x: jax.Array) -> jax.Array:
+    """`gelu` with its forward in `kernels.gelu`'s Pallas kernel where x's shape tiles (a CUDA
+    GPU only); the same backward."""
+    return gelu_kernel.gelu(x) if gelu_kernel.fits(x) else gelu(x)
+
+
+gelu_in_kernel.defvjp(lambda x: (gelu_in_kernel(x), x), _gelu_backward)
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
-    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `fp8_matmuls`
-    runs the four matmuls in FP8 instead (models.fp8: the target encoder's option).
+    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `gelu_kernel`
+    runs the GELU's forward in a Pallas kernel (`gelu_in_kernel`); `fp8_matmuls` runs the four
+    matmuls in FP8 instead (models.fp8: the target encoder's option).
     """
 
     def __init__(
@@ -176,8 +188,10 @@ class Block(nnx.Module):
         dtype,
         residual_dtype,
         fused_qkv=False,
+        gelu_kernel=False,
         rngs: nnx.Rngs,
     ):
+        self.gelu = gelu_in_kernel if gelu_kernel else gelu
         self.norm1 = _layer_norm(dim, residual_dtype, rngs)
         self.attn = Attention(dim, heads, attn_fn, dtype=dtype, fused_qkv=fused_qkv, rngs=rngs)
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
@@ -193,10 +207,10 @@ class Block(nnx.Module):
         if self.fp8_matmuls:
             if first_query:
                 raise ValueError("FP8 blocks (the target encoder's) compute every row")
-            return fp8.block_forward(self, x, kv_lengths, gelu)
+            return fp8.block_forward(self, x, kv_lengths, self.gelu)
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
-        return x + self.fc2(gelu(self.fc1(self.norm2(x))))
+        return x + self.fc2(self.gelu(self.fc1(self.norm2(x))))
 
 
 class BlockStack(nnx.Module):
@@ -221,6 +235,7 @@ class BlockStack(nnx.Module):
         remat,
         scan,
         fused_qkv=False,
+        gelu_kernel=False,
         rngs: nnx.Rngs,
     ):
         self.depth = depth
@@ -238,6 +253,7 @@ class BlockStack(nnx.Module):
                 dtype=dtype,
                 residual_dtype=residual_dtype,
                 fused_qkv=fused_qkv,
+                gelu_kernel=gelu_kernel,
                 rngs=rngs,
             )
 
@@ -306,6 +322,7 @@ class VisionTransformer(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
+        gelu_kernel: bool = False,
         rngs: nnx.Rngs,
     ):
         self.size = size
@@ -328,6 +345,7 @@ class VisionTransformer(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
+            gelu_kernel=gelu_kernel,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)
