@@ -211,6 +211,8 @@ def test_profile_groups_gpu_stream_kernels_by_kind():
         ("loop_convert_fusion_#", "fusion"),
         ("memcpy#_post", "copy"),
     ]
+    assert bench.kernel_table([("short_attention_backward__1", 1.0)], 1)[0]["kind"] == "attention"
+    assert bench.kernel_table([("anonymous_mosaic_gpu_kernel", 1.0)], 1)[0]["kind"] == "gemm"
     convert = table[2]
     assert convert["ms_per_step"] == pytest.approx(0.2) and convert["kernels_per_step"] == 1
     assert sum(r["share"] for r in table) == pytest.approx(1.0)
@@ -256,6 +258,25 @@ def test_profile_gives_fusion_groups_the_bytes_their_kernels_move():
     assert gemm["gb_per_s"] is None and gemm["bytes_per_step"] is None
     assert fusion["bytes_per_step"] == 2 * moved
     assert fusion["gb_per_s"] == pytest.approx(2 * moved / 4e-6 / 1e9)
+
+
+def test_profile_by_kernel_says_what_each_fusion_computes():
+    """`--by kernel`: each kernel name is its own row, with its fusion's ops (not the plumbing
+    of parameters and broadcasts) and result shape; a group of several names says nothing."""
+    rows, cols = np.random.default_rng().integers(8, 64, 2)
+    x = jnp.ones((rows, cols), jnp.float32)
+    step = jax.jit(lambda x: (jnp.sin(x) * 2 * x).astype(jnp.bfloat16))
+    ((name, what),) = bench.fusion_contents(step.lower(x).compile().as_text()).items()
+    assert what.startswith("multiply x2") and "sine" in what and "parameter" not in what
+    assert what.endswith(f"-> bf16[{rows},{cols}]")
+    kernels = [(name, 3.0), (f"{name}_17", 1.0), (name, 3.0)]
+    alone = bench.kernel_table(kernels, 1, contents={name: what}, group_of=bench.kernel_alone)
+    assert [(r["group"], r["what"], r["kernels_per_step"]) for r in alone] == [
+        (name, what, 2),
+        (f"{name}_17", None, 1),
+    ]
+    (grouped,) = bench.kernel_table([(f"{name}_3", 3.0), (f"{name}_17", 1.0)], 1, contents={})
+    assert grouped["what"] is None
 
 
 def test_profile_mode_writes_trace_and_json(tmp_path):

@@ -13,9 +13,11 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
   python -m jepa_jax.bench breakdown [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
       [--reps 10] [--out bench_breakdown.json]   (each part of the step timed alone, in-process)
   python -m jepa_jax.bench profile [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
-      [--steps 3] [--warmup 3] [--top 25] [--trace-dir bench_trace] [--out bench_profile.json]
+      [--steps 3] [--warmup 3] [--top 25] [--trace-dir bench_trace] [--by group|kernel]
+      [--out bench_profile.json]
       (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step,
-      and each fusion group's achieved GB/s from the bytes its HLO moves)
+      and each fusion group's achieved GB/s from the bytes its HLO moves; --by kernel lists
+      each kernel alone with what its fusion computes)
 
 Every mode takes --plot PATH: the implementations side by side as bar charts (needs matplotlib,
 the `plot` extra).
@@ -34,7 +36,9 @@ from jepa_jax.bench.max_batch import max_batch_one
 from jepa_jax.bench.profile import (
     device_kernels,
     fusion_bytes,
+    fusion_contents,
     idle_per_step,
+    kernel_alone,
     kernel_table,
 )
 from jepa_jax.bench.train import train_row
@@ -49,7 +53,9 @@ __all__ = [
     "flops_per_image",
     "format_table",
     "fusion_bytes",
+    "fusion_contents",
     "idle_per_step",
+    "kernel_alone",
     "kernel_table",
     "load_config",
     "main",

@@ -57,6 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     profile.add_argument("--warmup", type=int, default=3, help="untraced steps after the first")
     profile.add_argument("--top", type=int, default=25, help="kernel groups listed per impl")
     profile.add_argument("--trace-dir", default="bench_trace", help="where the traces stay")
+    profile.add_argument(
+        "--by",
+        choices=("group", "kernel"),
+        default="group",
+        help="group kernels by name with digits masked, or list each kernel with its fusion's ops",
+    )
     train.add_argument("--per-device-batch", type=int, default=128)
     train.add_argument("--steps", type=int, default=20, help="timed steps")
     train.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")

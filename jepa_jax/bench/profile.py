@@ -10,7 +10,10 @@ On a CPU the trace holds host events only, and the kernel table is empty.
 Each fusion group also gets the bytes its kernels must move (every operand read once, every
 result written once, as the compiled HLO states their shapes) over their time: achieved GB/s,
 to set beside the card's copy bandwidth. XLA names a fusion's kernel after the fusion and runs
-identical fusions through one kernel, so a kernel name stands for one fusion's shapes.
+identical fusions through one kernel, so a kernel name stands for one fusion's shapes. One
+group can hold fusions that compute different things (`loop_convert_fusion_#`: GELUs,
+normalisations, casts), so `--by kernel` lists each kernel name alone instead, with what its
+fusion computes: the ops inside and the result's shape.
 
 The summary also gives the time, within the traced steps, when no GPU stream ran a kernel
 (launch gaps and waits on the host), and which kernels those gaps came before.
@@ -29,10 +32,12 @@ import time
 
 from jepa_jax.bench.common import _environment, real_step_inputs
 
-# First match wins, so cuDNN's helper kernels (cudnn::fusion::...) count as attention.
+# First match wins, so cuDNN's helper kernels (cudnn::fusion::...) count as attention. Of this
+# package's kernels, short_attention_backward is attention and the q/k/v kernel (the one Mosaic
+# GPU kernel) a GEMM.
 KINDS = (
-    ("attention", ("sdpa", "fmha", "flash", "cudnn")),
-    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce")),
+    ("attention", ("sdpa", "fmha", "flash", "cudnn", "attention")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce", "mosaic")),
     ("copy", ("memcpy", "memset")),
 )
 
@@ -40,6 +45,8 @@ KINDS = (
 # Bytes per element of the HLO element types a step uses.
 _ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2}
 _ELEMENT_BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# A computation's first line: `%fused_convert.11 (param_0: bf16[8]) -> bf16[8] {`.
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
 # `%name = SHAPE opcode(operands)`, SHAPE an array (`f32[8,128]{1,0}`) or a tuple of them.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)")
 
@@ -52,20 +59,54 @@ def _shape_bytes(shape: str) -> int:
     )
 
 
-def fusion_bytes(hlo_text: str) -> dict[str, int]:
-    """Kernel name -> bytes one launch of that fusion must move: its operands and results."""
-    sizes, fusions = {}, []
+# Ops that move or relabel data without computing: left out of a fusion's description.
+_PLUMBING = set("parameter constant broadcast bitcast reshape tuple get-tuple-element".split())
+
+
+def _kernel_name(fusion: str) -> str:
+    return re.sub(r"[.\-]", "_", fusion)
+
+
+def _parse(hlo_text: str):
+    """(bytes of each instruction's result, the fusions as (name, operands, shape, called
+    computation), each computation's ops in order)."""
+    sizes, fusions, ops, computation = {}, [], collections.defaultdict(list), None
     for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
         match = _INSTRUCTION.match(line)
         if match:
             name, shape, opcode, operands = match.groups()
             sizes[name] = _shape_bytes(shape)
+            ops[computation].append(opcode)
             if opcode == "fusion":
-                fusions.append((name, re.findall(r"%([^\s,)]+)", operands)))
+                called = re.search(r"calls=%([^\s,]+)", line)
+                operands = re.findall(r"%([^\s,)]+)", operands)
+                fusions.append((name, operands, shape, called and called.group(1)))
+    return sizes, fusions, ops
+
+
+def fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """Kernel name -> bytes one launch of that fusion must move: its operands and results."""
+    sizes, fusions, _ = _parse(hlo_text)
     return {
-        re.sub(r"[.\-]", "_", name): sizes[name] + sum(sizes.get(o, 0) for o in operands)
-        for name, operands in fusions
+        _kernel_name(name): sizes[name] + sum(sizes.get(o, 0) for o in operands)
+        for name, operands, _, _ in fusions
     }
+
+
+def fusion_contents(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> what that fusion computes: its ops, most frequent first, and its result's
+    shape ('multiply x3, erf, add, convert -> bf16[128,196,3072]')."""
+    _, fusions, ops = _parse(hlo_text)
+    contents = {}
+    for name, _, shape, called in fusions:
+        counts = collections.Counter(op for op in ops.get(called, ()) if op not in _PLUMBING)
+        listed = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in counts.most_common())
+        layoutless = re.sub(r"\{[\d,]*\}", "", shape)  # bf16[8,128]{1,0} -> bf16[8,128]
+        contents[_kernel_name(name)] = f"{listed} -> {layoutless}"
+    return contents
 
 
 def kernel_kind(name: str) -> str:
@@ -76,6 +117,11 @@ def kernel_kind(name: str) -> str:
 def kernel_group(name: str) -> str:
     """'loop_convert_fusion_17' and 'loop_convert_fusion_3' -> 'loop_convert_fusion_#'."""
     return re.sub(r"\d+", "#", name)[:100]
+
+
+def kernel_alone(name: str) -> str:
+    """`--by kernel`: every kernel name its own group."""
+    return name[:100]
 
 
 def _stream_events(trace) -> list[dict]:
@@ -126,16 +172,23 @@ def idle_per_step(trace, steps: int, top: int = 5) -> tuple[float, dict[str, flo
 
 
 def kernel_table(
-    kernels: list[tuple[str, float]], steps: int, bytes_by_kernel: dict[str, int] | None = None
+    kernels: list[tuple[str, float]],
+    steps: int,
+    bytes_by_kernel: dict[str, int] | None = None,
+    contents: dict[str, str] | None = None,
+    group_of=kernel_group,
 ) -> list[dict]:
-    """Groups, largest first: ms and kernels per step, share of all kernel time, and where
-    `bytes_by_kernel` (fusion_bytes) knows a group's kernels, bytes per step and GB/s over the
-    time of those kernels."""
-    bytes_by_kernel = bytes_by_kernel or {}
+    """Groups (`group_of` a kernel name), largest first: ms and kernels per step, share of all
+    kernel time; where `bytes_by_kernel` (fusion_bytes) knows a group's kernels, bytes per step
+    and GB/s over the time of those kernels; and where `contents` (fusion_contents) knows the
+    one kernel of a group, what it computes."""
+    bytes_by_kernel, contents = bytes_by_kernel or {}, contents or {}
     time_us, count = collections.Counter(), collections.Counter()
     moved, moved_us = collections.Counter(), collections.Counter()
+    names = collections.defaultdict(set)
     for name, duration in kernels:
-        group = kernel_group(name)
+        group = group_of(name)
+        names[group].add(name)
         time_us[group] += duration
         count[group] += 1
         if name in bytes_by_kernel:
@@ -151,6 +204,7 @@ def kernel_table(
             "share": us / total,
             "bytes_per_step": moved[group] / steps if moved_us[group] else None,
             "gb_per_s": moved[group] / moved_us[group] / 1e3 if moved_us[group] else None,
+            "what": contents.get(next(iter(names[group]))) if len(names[group]) == 1 else None,
         }
         for group, us in time_us.most_common()
     ]
@@ -164,7 +218,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
 
     config, mesh, net, state, tx, _, batch = real_step_inputs(args, impl)
     step = trainer.compile_step(config, net, tx, mesh, state).lower(state, batch).compile()
-    bytes_by_kernel = fusion_bytes(step.as_text())
+    hlo = step.as_text()
     for _ in range(args.warmup + 1):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -178,7 +232,10 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(max(paths, key=os.path.getmtime)) as f:
         trace = json.load(f)
-    table = kernel_table(device_kernels(trace), args.steps, bytes_by_kernel)
+    group_of = kernel_alone if args.by == "kernel" else kernel_group
+    table = kernel_table(
+        device_kernels(trace), args.steps, fusion_bytes(hlo), fusion_contents(hlo), group_of
+    )
     idle_ms, idle_before_ms = idle_per_step(trace, args.steps)
     by_kind = collections.Counter()
     for row in table:
@@ -223,4 +280,5 @@ PROFILE_COLUMNS = (
     ("kernels/step", lambda r: r["kernels_per_step"], ".0f"),
     ("share", lambda r: 100 * r["share"], ".1f"),
     ("GB/s", lambda r: r.get("gb_per_s"), ".0f"),
+    ("what (--by kernel)", lambda r: (r.get("what") or "")[:90], ""),
 )
