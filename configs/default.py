@@ -64,7 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.short_attention_backward = "auto"
     # auto | on | off. auto: on one CUDA GPU, the MLPs' exact GELU forward runs in a Pallas
     # kernel (jepa_jax.kernels.gelu): 16-18% less time than XLA's fusion alone on an H200, whole
-    # steps 0.6-0.7% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
+    # steps 0.5-0.7% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
     c.model.gelu_kernel = "auto"
     # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs

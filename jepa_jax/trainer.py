@@ -83,11 +83,11 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     fused = models.resolve_fused_qkv(
         size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size
     )
-    gelu = kernels.resolve_gelu(kernels.setting(m, "gelu_kernel"), mesh.size)
+    gelu_choice = kernels.resolve_gelu(kernels.setting(m, "gelu_kernel"), mesh.size)
 
     def create_networks():
         ijepa = models.from_config(
-            m, seed=config.seed, attention=choice, fused_qkv=fused, gelu_kernel=gelu
+            m, seed=config.seed, attention=choice, fused_qkv=fused, gelu_kernel=gelu_choice
         )
         return ijepa.encoder, ijepa.predictor
 
@@ -112,7 +112,7 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     counts = models.layer_counts(encoder, predictor)
     target = models.for_targets(encoder, fp8.setting(m))
     graphdefs = (nnx.graphdef(encoder), nnx.graphdef(target), nnx.graphdef(predictor))
-    net = Networks(*graphdefs, choice, counts, fused, gelu)
+    net = Networks(*graphdefs, choice, counts, fused, gelu_choice)
     return net, state, tx
 
 

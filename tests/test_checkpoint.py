@@ -156,16 +156,17 @@ def test_load_encoder_matches_training_encoder(reference, reference_state, capsy
     assert "Loaded the context encoder" in out
 
 
-def test_a_run_saved_with_the_qkv_kernel_on_loads_where_it_cannot_run(tmp_path, reference):
-    """fused_qkv=on was saved by a Hopper run; the kernel never changes parameters, so
-    load_encoder chooses again here (`auto`: XLA on this CPU) instead of refusing."""
+def test_a_run_saved_with_the_kernels_on_loads_where_they_cannot_run(tmp_path, reference):
+    """fused_qkv=on and gelu_kernel=on were saved by a GPU run; the kernels never change
+    parameters, so load_encoder chooses again here (`auto`: XLA on this CPU) instead of
+    refusing."""
     copy_checkpoint(reference, tmp_path)
     meta = tmp_path / "checkpoints" / str(STEPS) / "config" / "metadata"
     saved = json.loads(meta.read_text())
-    saved["model"]["fused_qkv"] = "on"
+    saved["model"]["fused_qkv"] = saved["model"]["gelu_kernel"] = "on"
     meta.write_text(json.dumps(saved))
     encoder, config = models.load_encoder(str(tmp_path))
-    assert config.model.fused_qkv == "on"
+    assert config.model.fused_qkv == config.model.gelu_kernel == "on"
     features = encoder(jnp.zeros((1, 96, 96, 3)))
     assert features.shape == (1, (96 // 16) ** 2, 192) and np.isfinite(features).all()
 

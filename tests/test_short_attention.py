@@ -182,7 +182,7 @@ def test_cudnn_with_the_kernel_backward_matches_cudnn(tokens, head_dim):
 def test_a_run_saved_with_the_kernel_on_evaluates_anywhere():
     """Features need no backward: the evaluation builds the encoder without the kernel."""
     config = get_config("tiny")
-    config.model.short_attention_backward = "on"
+    config.model.short_attention_backward = config.model.gelu_kernel = "on"
     m = features.eval_model_config(config, "reference")
-    assert m.short_attention_backward == "off"
+    assert m.short_attention_backward == "off" and m.gelu_kernel == "auto"
     assert models.from_config(m).attention.fn is A.reference_attention

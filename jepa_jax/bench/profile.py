@@ -159,14 +159,17 @@ def idle_gaps(trace) -> list[tuple[float, str]]:
     return gaps
 
 
-def idle_per_step(trace, steps: int, top: int = 5) -> tuple[float, dict[str, float]]:
+def idle_per_step(
+    trace, steps: int, top: int = 5, group_of=kernel_group
+) -> tuple[float, dict[str, float]]:
     """(ms per step in which no GPU stream ran a kernel, between the first and the last;
-    the `top` kernel groups the GPU most waited for: ms per step of idle time just before each
-    group's kernels, largest first, where launch overhead and host waits sit)."""
+    the `top` kernel groups (`group_of` a name) the GPU most waited for: ms per step of idle
+    time just before each group's kernels, largest first, where launch overhead and host waits
+    sit)."""
     gaps = idle_gaps(trace)
     waits = collections.Counter()
     for gap, name in gaps:
-        waits[kernel_group(name)] += gap
+        waits[group_of(name)] += gap
     before = {group: us / 1e3 / steps for group, us in waits.most_common(top)}
     return sum(gap for gap, _ in gaps) / 1e3 / steps, before
 
@@ -236,7 +239,7 @@ def profile_one(args, impl: str) -> tuple[list[dict], dict]:
     table = kernel_table(
         device_kernels(trace), args.steps, fusion_bytes(hlo), fusion_contents(hlo), group_of
     )
-    idle_ms, idle_before_ms = idle_per_step(trace, args.steps)
+    idle_ms, idle_before_ms = idle_per_step(trace, args.steps, group_of=group_of)
     by_kind = collections.Counter()
     for row in table:
         by_kind[row["kind"]] += row["ms_per_step"]
@@ -280,5 +283,5 @@ PROFILE_COLUMNS = (
     ("kernels/step", lambda r: r["kernels_per_step"], ".0f"),
     ("share", lambda r: 100 * r["share"], ".1f"),
     ("GB/s", lambda r: r.get("gb_per_s"), ".0f"),
-    ("what (--by kernel)", lambda r: (r.get("what") or "")[:90], ""),
+    ("what", lambda r: (r.get("what") or "")[:90], ""),
 )

@@ -78,8 +78,9 @@ def check_config(config, model: dict) -> None:
 def abstract_state(config) -> tuple[trainer.TrainState, optax.GradientTransformation]:
     """The trainer's TrainState as abstract arrays (nothing allocated), and its optimizer."""
     config = ml_collections.ConfigDict(config.to_dict())
-    # Parameters never depend on these; cuDNN and the q/k/v kernel may not run here.
+    # Parameters never depend on these; cuDNN and the kernels may not run here.
     config.model.attention, config.model.fused_qkv = "reference", "off"
+    config.model.short_attention_backward, config.model.gelu_kernel = "off", "off"
     config.mesh.data, config.mesh.fsdp = 1, 1
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     box = {}

@@ -49,11 +49,12 @@ def read_config(workdir: str) -> tuple[str, ml_collections.ConfigDict]:
 
 
 def eval_model_config(config, attention: str | None = None) -> ml_collections.ConfigDict:
-    """config.model with bfloat16 matmuls, a float32 stream and the q/k/v kernel wherever it can
-    run, without the attention backward kernel: features need no backward (parameters do not
-    change)."""
+    """config.model with bfloat16 matmuls, a float32 stream and the q/k/v and GELU kernels
+    wherever they can run, without the attention backward kernel: features need no backward
+    (parameters do not change)."""
     m = ml_collections.ConfigDict(config.model.to_dict())
     m.dtype, m.residual_dtype, m.fused_qkv = "bfloat16", "float32", "auto"
+    m.gelu_kernel = "auto"
     m.short_attention_backward = "off"
     if attention:
         m.attention = attention

@@ -2,7 +2,7 @@
 
 XLA's loop fusion takes a bf16 activation through the float32 GELU at about 2.6 TB/s on an
 H200; this kernel, in blocks of 4 x 1024, at 3.2 (16-18% less time at ViT-B/16's and ViT-H/14's
-MLP widths; whole steps 0.6-0.7% faster; BENCHMARKS.md). Its erf is Abramowitz & Stegun 7.1.26
+MLP widths; whole steps 0.5-0.7% faster; BENCHMARKS.md). Its erf is Abramowitz & Stegun 7.1.26
 (absolute error under 1.5e-7, far below bf16's rounding): Pallas' Triton lowering has no erf.
 The backward stays XLA's (`models.vit`): it fuses with the bias gradient's reduction.
 """

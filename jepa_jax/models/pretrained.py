@@ -6,13 +6,18 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jepa_jax import checkpoint
+from jepa_jax import checkpoint, kernels
 from jepa_jax.models.build import from_config, resolve_attention, resolve_fused_qkv
 from jepa_jax.models.vit import encoder_size
 
 
 def load_encoder(
-    path: str, which: str = "target", *, attention: str = "auto", fused_qkv: str = "auto"
+    path: str,
+    which: str = "target",
+    *,
+    attention: str = "auto",
+    fused_qkv: str = "auto",
+    gelu_kernel: str = "auto",
 ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
     """(encoder, config) from a workdir or step folder: `encoder(data.normalize(images))` maps
     images [B, S, S, 3] (RGB, S = config.model.image_size) to features [B, N, D], always float32
@@ -21,8 +26,8 @@ def load_encoder(
 
     `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
     Only that encoder's parameters are read, onto the first local device. A call compiles once
-    per input shape. `attention` and `fused_qkv` (README: Attention, GPU) pick what runs here,
-    whatever the run used: parameters never depend on them.
+    per input shape. `attention`, `fused_qkv` and `gelu_kernel` (README: Attention, GPU) pick
+    what runs here, whatever the run used: parameters never depend on them.
     """
     step_dir, config = checkpoint.read_config(path)
     m = ml_collections.ConfigDict(config.model.to_dict())
@@ -30,8 +35,11 @@ def load_encoder(
     size = encoder_size(m)
     choice = resolve_attention(size, m.pred_dim, attention, m.dtype)
     fused = resolve_fused_qkv(size, m.pred_dim, fused_qkv, m.dtype, jax.device_count())
+    gelu = kernels.resolve_gelu(gelu_kernel, jax.device_count())
     graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: from_config(m, attention=choice, fused_qkv=fused).encoder)
+        nnx.eval_shape(
+            lambda: from_config(m, attention=choice, fused_qkv=fused, gelu_kernel=gelu).encoder
+        )
     )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.tree.map(
