@@ -58,13 +58,18 @@ def test_compiled_kernel_at_the_step_shapes(shape):
     assert rel_err(jax.jit(gelu_kernel.gelu)(x), vit.gelu(x)) < 1e-3
 
 
-def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_tile(
-    monkeypatch,
-):
+@pytest.fixture
+def kernel_here(monkeypatch):
+    """The model's calls of the kernel, interpreted by Pallas where no GPU compiles it."""
     if not ON_GPU:
         monkeypatch.setattr(
             gelu_kernel, "gelu", functools.partial(gelu_kernel.gelu, interpret=True)
         )
+
+
+def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_tile(
+    kernel_here,
+):
     for shape, tiles in (((4, 1024), True), ((3, 5, 96), False)):
         x, g = _random(shape), _random(shape)
         assert gelu_kernel.fits(x) == tiles
@@ -77,11 +82,7 @@ def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_t
             assert (out == want).all()  # XLA's GELU itself
 
 
-def test_a_block_with_the_kernel_computes_what_it_computes_without(monkeypatch):
-    if not ON_GPU:
-        monkeypatch.setattr(
-            gelu_kernel, "gelu", functools.partial(gelu_kernel.gelu, interpret=True)
-        )
+def test_a_block_with_the_kernel_computes_what_it_computes_without(kernel_here):
     x = _random((2, 16, 256)).astype(jnp.float32)
     outs = []
     for on in (False, True):

@@ -22,6 +22,7 @@ The summary also gives the time, within the traced steps, when no GPU stream ran
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -67,6 +68,7 @@ def _kernel_name(fusion: str) -> str:
     return re.sub(r"[.\-]", "_", fusion)
 
 
+@functools.lru_cache(maxsize=1)  # profile_one asks fusion_bytes and fusion_contents of one text
 def _parse(hlo_text: str):
     """(bytes of each instruction's result, the fusions as (name, operands, shape, called
     computation), each computation's ops in order)."""
