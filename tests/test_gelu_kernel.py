@@ -28,8 +28,9 @@ def test_it_is_within_bf16_rounding_of_the_exact_gelu_at_every_bf16_input():
     exact = xf * 0.5 * (1 + np.vectorize(math.erf)(xf.astype(np.float64) / math.sqrt(2)))
     assert np.isfinite(got).all()
     # A&S 7.1.26 errs by under 1.5e-7 in erf, so by under 0.75e-7 |x| here, plus float32's
-    # rounding (results below 1e-37 may flush to zero): far below bf16's 2^-8.
-    assert (np.abs(got - exact) <= 3e-7 * np.abs(xf) + 1e-37).all()
+    # rounding through a dozen operations, rsqrt's and exp2's a few ulp each (results below
+    # 1e-37 may flush to zero): far below bf16's 2^-8.
+    assert (np.abs(got - exact) <= 1e-6 * np.abs(xf) + 1e-37).all()
     rounded = np.asarray(gelu_kernel.gelu(jnp.asarray(x), interpret=not ON_GPU), np.float64)
     assert not np.isnan(rounded[finite]).any()
     ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-37))) - 7)  # bf16's spacing
@@ -152,7 +153,10 @@ def test_every_block_of_the_three_networks_gets_the_choice(scan):
         assert network.blocks.layers.gelu is vit.gelu_in_kernel
 
 
-@pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.parametrize(
+    "devices",
+    [1, pytest.param(2, marks=pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices"))],
+)
 def test_the_trainer_asks_with_its_mesh_size(monkeypatch, devices):
     monkeypatch.setattr(kernels, "_gpu_reason", lambda: None)
     monkeypatch.setattr(kernels, "_gelu_check", lambda: None)
