@@ -153,10 +153,10 @@ def test_every_block_of_the_three_networks_gets_the_choice(scan):
         assert network.blocks.layers.gelu is vit.gelu_in_kernel
 
 
-@pytest.mark.parametrize(
-    "devices",
-    [1, pytest.param(2, marks=pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices"))],
-)
+_TWO = pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=_TWO)])
 def test_the_trainer_asks_with_its_mesh_size(monkeypatch, devices):
     monkeypatch.setattr(kernels, "_gpu_reason", lambda: None)
     monkeypatch.setattr(kernels, "_gelu_check", lambda: None)
