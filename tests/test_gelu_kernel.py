@@ -43,7 +43,7 @@ def _random(shape):
     return (jax.random.normal(fresh_key(), shape) * 3).astype(jnp.bfloat16)
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 1024), (4, 3072)])
+@pytest.mark.parametrize("shape", [(2, 8, 1024), (8, 3072)])
 def test_the_kernel_matches_the_models_gelu(shape):
     x = _random(shape)
     got = gelu_kernel.gelu(x, interpret=not ON_GPU)
@@ -71,7 +71,7 @@ def kernel_here(monkeypatch):
 def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_tile(
     kernel_here,
 ):
-    for shape, tiles in (((4, 1024), True), ((3, 5, 96), False)):
+    for shape, tiles in (((8, 1024), True), ((4, 1024), False)):
         x, g = _random(shape), _random(shape)
         assert gelu_kernel.fits(x) == tiles
         assert ("pallas_call" in str(jax.make_jaxpr(vit.gelu_in_kernel)(x))) == tiles

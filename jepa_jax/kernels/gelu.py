@@ -1,7 +1,7 @@
 """The exact GELU's forward as a Pallas (Triton) kernel for CUDA GPUs.
 
 XLA's loop fusion takes a bf16 activation through the float32 GELU at about 2.6 TB/s on an
-H200; this kernel, in blocks of 4 x 1024, at 3.5 (25-26% less time at ViT-B/16's and ViT-H/14's
+H200; this kernel, in blocks of 8 x 1024, at 3.8 (25-26% less time at ViT-B/16's and ViT-H/14's
 MLP widths; whole H/14 steps 1.5% faster, B/16's about 0.5%; BENCHMARKS.md). Its erf is
 Abramowitz & Stegun 7.1.26 (absolute error under 1.5e-7, far below bf16's rounding): Pallas'
 Triton lowering has no erf.
@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-COLUMNS, ROWS = 1024, 4  # one program's block
+COLUMNS, ROWS = 1024, 8  # one program's block
 _P = 0.3275911
 _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
