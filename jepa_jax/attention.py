@@ -191,12 +191,17 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def no_cuda_gpu_reason() -> str:
+    """The reason every CUDA-only path gives where `gpu_compute_capability()` is None."""
+    return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
+
+
 @functools.cache
 def _cudnn_probe() -> str | None:
     """Run a tiny cuDNN forward+backward once; None if it works, else the reason it does not."""
     capability = gpu_compute_capability()
     if capability is None:
-        return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
+        return no_cuda_gpu_reason()
     if capability < (8, 0):
         return f"GPU compute capability {capability} < 8.0 (cuDNN flash attention needs Ampere+)"
     try:

@@ -19,7 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jepa_jax.attention import Choice, gpu_compute_capability, reference_attention
+from jepa_jax.attention import (
+    Choice,
+    gpu_compute_capability,
+    no_cuda_gpu_reason,
+    reference_attention,
+)
 from jepa_jax.kernels import dense, gelu, short_attention
 
 SETTINGS = ("auto", "on", "off")
@@ -72,7 +77,7 @@ def unavailable_reason(dtype, num_devices: int) -> str | None:
     """Why the q/k/v kernel cannot run for this compute dtype and device count."""
     capability = gpu_compute_capability()
     if capability is None:
-        return _gpu_reason()
+        return no_cuda_gpu_reason()
     if capability[0] != 9:
         major, minor = capability
         return f"GPU compute capability {major}.{minor}: the kernel is written for Hopper (9.0)"
@@ -191,9 +196,7 @@ def resolve_gelu(setting: str, num_devices: int) -> GeluKernel:
 
 
 def _gpu_reason() -> str | None:
-    if gpu_compute_capability() is None:
-        return f"no CUDA GPU (JAX backend is {jax.default_backend()})"
-    return None
+    return no_cuda_gpu_reason() if gpu_compute_capability() is None else None
 
 
 @functools.cache
