@@ -63,8 +63,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # 1.25 GiB less peak memory (BENCHMARKS.md).
     c.model.short_attention_backward = "auto"
     # auto | on | off. auto: on one CUDA GPU, the MLPs' exact GELU forward runs in a Pallas
-    # kernel (jepa_jax.kernels.gelu): 16-18% less time than XLA's fusion alone on an H200, whole
-    # steps 0.5-0.7% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
+    # kernel (jepa_jax.kernels.gelu): 31-32% less time than XLA's fusion alone on an H200, whole
+    # steps about 1.5% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
     c.model.gelu_kernel = "auto"
     # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs
