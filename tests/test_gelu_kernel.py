@@ -2,14 +2,13 @@
 GELU (interpreted on a CPU, compiled on a GPU), and `config.model.gelu_kernel`'s resolution."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from numerics import fresh_key, rel_err
+from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, configuration, kernels, models, sharding, trainer
@@ -21,11 +20,11 @@ ON_GPU = jax.default_backend() == "gpu"
 
 def test_it_is_within_bf16_rounding_of_the_exact_gelu_at_every_bf16_input():
     """Its float32 formula, and the kernel itself (rounded to bf16), at all 65,536 bf16 values."""
-    x = np.arange(2**16, dtype=np.uint16).view(jnp.bfloat16)
+    x = every_bfloat16()
     finite = np.isfinite(x.astype(np.float32))
     xf = x.astype(np.float32)[finite]
     got = np.asarray(gelu_kernel.gelu_float32(jnp.asarray(xf)), np.float64)
-    exact = xf * 0.5 * (1 + np.vectorize(math.erf)(xf.astype(np.float64) / math.sqrt(2)))
+    exact, _ = gelu_float64(xf)
     assert np.isfinite(got).all()
     # A&S 7.1.26 errs by under 1.5e-7 in erf, so by under 0.75e-7 |x| here, plus float32's
     # rounding through a dozen operations, rsqrt's and exp2's a few ulp each (results below
@@ -33,7 +32,7 @@ def test_it_is_within_bf16_rounding_of_the_exact_gelu_at_every_bf16_input():
     assert (np.abs(got - exact) <= 1e-6 * np.abs(xf) + 1e-37).all()
     rounded = np.asarray(gelu_kernel.gelu(jnp.asarray(x), interpret=not ON_GPU), np.float64)
     assert not np.isnan(rounded[finite]).any()
-    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-37))) - 7)  # bf16's spacing
+    ulp = bfloat16_spacing(np.maximum(np.abs(exact), 1e-37))
     # Within one bf16 step, except in the far negative tail (x < -6, |gelu| < 1e-8), where
     # A&S's tail carries up to 0.5% relative error, 2e-11 absolute (XLA's 1 + erf gives 0).
     assert (np.abs(rounded[finite] - exact) <= ulp + 2e-11).all()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
-from numerics import fresh_key, rel_err
+from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, kernels, models, presets
@@ -75,13 +75,6 @@ def test_patch_embed_is_the_stride_p_conv():
     np.testing.assert_allclose(linear, conv.reshape(2, -1, d), rtol=1e-5, atol=1e-5)
 
 
-def _gelu_float64(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact GELU and its derivative in float64 (erfc keeps the negative tail precise)."""
-    x = x.astype(np.float64)
-    cdf = 0.5 * np.vectorize(math.erfc)(-x / math.sqrt(2))
-    return x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
 def _value_and_grad_each(fn, x):
     return jax.vmap(jax.value_and_grad(fn))(jnp.asarray(x))
 
@@ -89,7 +82,7 @@ def _value_and_grad_each(fn, x):
 def test_gelu_is_the_exact_erf_gelu_in_value_and_gradient():
     x = 4 * np.random.default_rng(np.random.randint(2**31)).standard_normal(4096, np.float32)
     got, got_grad = _value_and_grad_each(gelu, x)
-    want, want_grad = _gelu_float64(x)
+    want, want_grad = gelu_float64(x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
 
@@ -98,15 +91,15 @@ def test_gelu_rounds_every_bfloat16_input_as_the_exact_gelu_does():
     """Over every finite bfloat16 input from -4 on: within 0.6 ulp of the exact value (correct
     rounding is 0.5). Below -4, 0.5 (1 + erf), the release's form, drifts as it cancels towards
     0 in float32, as PyTorch's does; the outputs that drift are under 1e-4 in size."""
-    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(jnp.bfloat16)
+    x = every_bfloat16()
     xf = x.astype(np.float32)
     x, xf = x[np.abs(xf) < 30], xf[np.abs(xf) < 30]  # drops inf and nan too
     got, got_grad = _value_and_grad_each(gelu, x)
     assert got.dtype == got_grad.dtype == jnp.bfloat16
-    checks = zip(("value", "gradient"), (got, got_grad), _gelu_float64(xf), strict=True)
+    checks = zip(("value", "gradient"), (got, got_grad), gelu_float64(xf), strict=True)
     for name, value, exact in checks:
         seen = np.abs(exact) > 1e-30
-        ulp = 2.0 ** (np.floor(np.log2(np.abs(exact[seen]))) - 7)  # bfloat16: 8 significant bits
+        ulp = bfloat16_spacing(exact[seen])
         ulps = np.abs(np.asarray(value, np.float64)[seen] - exact[seen]) / ulp
         core = xf[seen] >= -4
         assert ulps[core].max() <= 0.6, (name, xf[seen][core][ulps[core].argmax()])
