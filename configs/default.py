@@ -66,6 +66,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # kernel (jepa_jax.kernels.gelu): 31-32% less time than XLA's fusion alone on an H200, whole
     # steps about 1.5% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
     c.model.gelu_kernel = "auto"
+    # exact | tanh. exact: the erf GELU the release trained with. tanh: its tanh approximation,
+    # which XLA computes inside fc1's cuBLAS GEMM on a GPU (no GELU pass over memory): on an
+    # H200 steps ran about 3% faster; each GELU output within bf16's rounding of the exact one
+    # for inputs above -2, at most 5e-4 away below (BENCHMARKS.md). A faster, less faithful option.
+    c.model.gelu = "exact"
     # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs
     # on Hopper and later, the same rounding emulated elsewhere. On an H200 steps ran 9-11%

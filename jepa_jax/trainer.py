@@ -83,7 +83,7 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
     fused = models.resolve_fused_qkv(
         size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size
     )
-    gelu_choice = kernels.resolve_gelu(kernels.setting(m, "gelu_kernel"), mesh.size)
+    gelu_choice = models.resolve_gelu(m, mesh.size)
 
     def create_networks():
         ijepa = models.from_config(

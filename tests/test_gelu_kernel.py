@@ -14,6 +14,7 @@ from configs.default import get_config
 from jepa_jax import attention, configuration, kernels, models, sharding, trainer
 from jepa_jax.kernels import gelu as gelu_kernel
 from jepa_jax.models import vit
+from jepa_jax.models.build import mlp_activation
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -93,7 +94,7 @@ def test_a_block_with_the_kernel_computes_what_it_computes_without(kernel_here):
             attention.get("reference"),
             dtype=jnp.bfloat16,
             residual_dtype=jnp.float32,
-            gelu_kernel=on,
+            activation=mlp_activation(kernels.GeluKernel(on)),
             rngs=nnx.Rngs(0),
         )
         assert block.gelu is (vit.gelu_in_kernel if on else vit.gelu)

@@ -81,6 +81,7 @@ def _timed_steps(config, spec, args, out: dict) -> None:
         fused_qkv=net.fused_qkv.on,
         short_attention_backward=net.attention.short_backward,
         gelu_kernel=net.gelu_kernel.on,
+        gelu=net.gelu_kernel.formula,
         lower_s=lowered_at - start,
         compile_s=time.perf_counter() - lowered_at,
         xla_memory=_memory(compiled),

@@ -172,21 +172,34 @@ def _short_backward_check() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class GeluKernel:
-    """Whether the MLPs' GELU forward runs in `gelu`'s kernel (`on`), and why not (`reason`)."""
+    """Whether the MLPs' GELU forward runs in `gelu`'s kernel (`on`), and why not (`reason`);
+    `formula` is `config.model.gelu` (the kernel computes the exact one only)."""
 
     on: bool
     reason: str | None = None
+    formula: str = "exact"
 
     def describe(self) -> str:
+        if self.formula == "tanh":
+            return "GELU: tanh approximation (config.model.gelu=tanh), in fc1's GEMM on a GPU"
         if self.on:
             return "GELU: forward in a Pallas kernel (XLA's where a shape does not tile)"
         return f"GELU: XLA ({self.reason})"
 
 
-def resolve_gelu(setting: str, num_devices: int) -> GeluKernel:
-    """What `config.model.gelu_kernel` means here; raises KernelUnavailableError for an `on`
-    that cannot run, naming the cause and the fix."""
+def resolve_gelu(setting: str, num_devices: int, formula: str = "exact") -> GeluKernel:
+    """What `config.model.gelu_kernel` means here for `config.model.gelu`'s `formula`; raises
+    KernelUnavailableError for an `on` that cannot run, naming the cause and the fix."""
     _check_setting("gelu_kernel", setting)
+    if formula == "tanh":
+        if setting == "on":
+            raise _unavailable(
+                "gelu_kernel",
+                "the GELU kernel",
+                "it computes the exact GELU, not config.model.gelu=tanh's approximation",
+                "XLA's tanh GELU",
+            )
+        return GeluKernel(False, "config.model.gelu=tanh", formula)
     if setting == "off":
         return GeluKernel(False, "config.model.gelu_kernel=off")
     reason = _gpu_reason() or _one_device_reason(num_devices) or _gelu_check()

@@ -14,6 +14,7 @@ from jepa_jax.models.build import (
     layer_counts,
     resolve_attention,
     resolve_fused_qkv,
+    resolve_gelu,
 )
 from jepa_jax.models.fp8 import with_fp8_matmuls
 from jepa_jax.models.predictor import Predictor
@@ -35,5 +36,6 @@ __all__ = [
     "load_encoder",
     "resolve_attention",
     "resolve_fused_qkv",
+    "resolve_gelu",
     "with_fp8_matmuls",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,16 @@ from jepa_jax import attention as attention_lib
 from jepa_jax import kernels, presets
 from jepa_jax.models import fp8
 from jepa_jax.models.predictor import Predictor
-from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
+from jepa_jax.models.vit import (
+    SIZES,
+    VisionTransformer,
+    ViTSize,
+    encoder_size,
+    gelu,
+    gelu_formula,
+    gelu_in_kernel,
+    gelu_tanh,
+)
 
 
 @dataclasses.dataclass
@@ -62,6 +72,7 @@ def create(
     fused_qkv: str = "auto",
     short_attention_backward: str = "auto",
     gelu_kernel: str = "auto",
+    gelu: str = "exact",
     seed: int = 0,
 ) -> IJEPA:
     """Encoder, target encoder (an exact copy) and predictor of the named model (a key of
@@ -69,6 +80,7 @@ def create(
 
     `dtype` is the matmul and attention dtype; `residual_dtype` that of the residual stream,
     LayerNorms and outputs (float32: the release's autocast; bfloat16: faster, less faithful).
+    `gelu` is the MLPs' formula, exact (the release's) or tanh (faster, less faithful).
     """
     spec = presets.model_spec(name)
     size = SIZES[spec.size]
@@ -87,7 +99,7 @@ def create(
             num_devices=jax.device_count(),
         ),
         fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
-        gelu_kernel=kernels.resolve_gelu(gelu_kernel, jax.device_count()),
+        gelu_kernel=kernels.resolve_gelu(gelu_kernel, jax.device_count(), gelu),
         dtype=dtype,
         residual_dtype=residual_dtype,
         remat=remat,
@@ -129,8 +141,7 @@ def from_config(
             model_config.dtype,
             jax.device_count(),
         ),
-        gelu_kernel=gelu_kernel
-        or kernels.resolve_gelu(kernels.setting(model_config, "gelu_kernel"), jax.device_count()),
+        gelu_kernel=gelu_kernel or resolve_gelu(model_config, jax.device_count()),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
         remat=model_config.remat,
@@ -155,12 +166,27 @@ def resolve_attention(
     return kernels.resolve_short_backward(short_backward, choice, num_devices)
 
 
+def resolve_gelu(model_config, num_devices: int, setting: str | None = None) -> kernels.GeluKernel:
+    """Which GELU runs for `config.model`: its formula (`gelu`), and the kernel per `setting`
+    (by default its `gelu_kernel`; raises for an impossible `on`)."""
+    setting = setting or kernels.setting(model_config, "gelu_kernel")
+    return kernels.resolve_gelu(setting, num_devices, gelu_formula(model_config))
+
+
 def resolve_fused_qkv(
     size: ViTSize, pred_dim: int, setting: str, dtype: str, num_devices: int
 ) -> kernels.FusedQKV:
     """Whether the q/k/v kernel runs for these networks (raises for an impossible `on`)."""
     widths = {"encoders": size.width, "predictor": pred_dim}
     return kernels.resolve(setting, dtype=dtype, num_devices=num_devices, widths=widths)
+
+
+def mlp_activation(gelu_kernel: kernels.GeluKernel):
+    """The GELU every MLP calls: the tanh approximation, or the exact one in or out of the
+    Pallas kernel."""
+    if gelu_kernel.formula == "tanh":
+        return gelu_tanh
+    return gelu_in_kernel if gelu_kernel.on else gelu
 
 
 def build(
@@ -192,7 +218,7 @@ def build(
         remat,
         scan_layers,
         fused_qkv.on,
-        gelu_kernel.on,
+        mlp_activation(gelu_kernel),
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
     return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv, gelu_kernel)
@@ -213,7 +239,7 @@ class _Networks:
     remat: bool
     scan: bool
     fused_qkv: bool
-    gelu_kernel: bool
+    activation: Callable[[jax.Array], jax.Array]
 
 
 # Initialised as one compiled program, cached per shape with the seed an argument (run eagerly,
@@ -227,7 +253,7 @@ def _init(key: jax.Array, n: _Networks) -> tuple[VisionTransformer, Predictor]:
         remat=n.remat,
         scan=n.scan,
         fused_qkv=n.fused_qkv,
-        gelu_kernel=n.gelu_kernel,
+        activation=n.activation,
         rngs=nnx.Rngs(key),
     )
     encoder = VisionTransformer(n.size, patch_size=n.patch_size, image_size=n.image_size, **common)

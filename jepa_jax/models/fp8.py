@@ -34,7 +34,9 @@ from flax import nnx
 SETTINGS = ("off", "target")
 E4M3 = jnp.float8_e4m3fn  # 3 mantissa bits, largest value 448
 E4M3_MAX = float(jnp.finfo(E4M3).max)
-GELU_MIN = 0.17  # |gelu(h)| <= max(|h|, 0.17): its negative lobe bottoms out at -0.170
+# |gelu(h)| <= max(|h|, GELU_MIN): the negative lobe bottoms out at -0.16997 (exact) and
+# -0.17004 (the tanh approximation, `config.model.gelu=tanh`).
+GELU_MIN = 0.1701
 
 
 def setting(model_config) -> str:

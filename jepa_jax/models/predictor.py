@@ -7,7 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax.attention import AttentionFn
-from jepa_jax.models.vit import BlockStack, _layer_norm, _linear, dense_init, sincos_pos_embed
+from jepa_jax.models.vit import (
+    BlockStack,
+    _layer_norm,
+    _linear,
+    dense_init,
+    gelu,
+    sincos_pos_embed,
+)
 
 
 class Predictor(nnx.Module):
@@ -32,7 +39,7 @@ class Predictor(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
-        gelu_kernel: bool = False,
+        activation=gelu,
         rngs: nnx.Rngs,
     ):
         self.grid = grid
@@ -50,7 +57,7 @@ class Predictor(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
-            gelu_kernel=gelu_kernel,
+            activation=activation,
             rngs=rngs,
         )
         self.norm = _layer_norm(pred_dim, residual_dtype, rngs)

@@ -6,8 +6,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from jepa_jax import checkpoint, kernels
-from jepa_jax.models.build import from_config, resolve_attention, resolve_fused_qkv
+from jepa_jax import checkpoint
+from jepa_jax.models.build import from_config, resolve_attention, resolve_fused_qkv, resolve_gelu
 from jepa_jax.models.vit import encoder_size
 
 
@@ -35,7 +35,7 @@ def load_encoder(
     size = encoder_size(m)
     choice = resolve_attention(size, m.pred_dim, attention, m.dtype)
     fused = resolve_fused_qkv(size, m.pred_dim, fused_qkv, m.dtype, jax.device_count())
-    gelu = kernels.resolve_gelu(gelu_kernel, jax.device_count())
+    gelu = resolve_gelu(m, jax.device_count(), gelu_kernel)
     graphdef, abstract = nnx.split(
         nnx.eval_shape(
             lambda: from_config(m, attention=choice, fused_qkv=fused, gelu_kernel=gelu).encoder

@@ -172,13 +172,65 @@ def _gelu_in_kernel_forward(x):
 
 gelu_in_kernel.defvjp(_gelu_in_kernel_forward, _gelu_backward)
 
+GELU_FORMULAS = ("exact", "tanh")  # config.model.gelu
+
+
+def gelu_formula(model_config) -> str:
+    """`config.model.gelu`; configs saved before the field ran the exact GELU."""
+    return model_config.get("gelu", "exact")
+
+
+_TANH_SCALE = math.sqrt(2 / math.pi)
+_TANH_CUBIC = 0.044715
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU's tanh approximation (`config.model.gelu=tanh`: faster, not the release's formula).
+
+    On CUDA it is written in x's dtype, the form XLA's GEMM rewriter folds into the cuBLAS GEMM
+    that computes x (fc1 + bias + GELU as one kernel, evaluated in float32 before the output is
+    rounded: closer to float32's exact GELU than the autocast path, which rounds fc1's output
+    first; BENCHMARKS.md). Elsewhere nothing fuses it, so it is computed in float32.
+    """
+    return jax.lax.platform_dependent(
+        x,
+        cuda=functools.partial(jax.nn.gelu, approximate=True),
+        default=lambda x: (lambda xf: xf * _tanh_cdf(xf))(x.astype(jnp.float32)).astype(x.dtype),
+    )
+
+
+def _tanh_cdf(xf: jax.Array) -> jax.Array:
+    """(1 + tanh z) / 2 as sigmoid(2z), which does not cancel where tanh z nears -1."""
+    return jax.nn.sigmoid(2 * _TANH_SCALE * (xf + _TANH_CUBIC * xf**3))
+
+
+def _gelu_tanh_forward(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_backward(x, grad):
+    # Clipped where the slope is 0 or 1 in float32 anyway: x^3 would overflow (0 * inf = NaN).
+    xf = jnp.clip(x.astype(jnp.float32), -10, 10)
+    cdf = _tanh_cdf(xf)
+    slope = cdf + xf * 2 * cdf * (1 - cdf) * _TANH_SCALE * (1 + 3 * _TANH_CUBIC * xf * xf)
+    return ((grad.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
+
+
+def _xla_form(activation):
+    """The activation without the Pallas kernel (the FP8 blocks fuse XLA's GELU themselves)."""
+    return gelu if activation is gelu_in_kernel else activation
+
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
-    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `gelu_kernel`
-    runs the GELU's forward in a Pallas kernel (`gelu_in_kernel`); `fp8_matmuls` runs the four
+    `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `activation`
+    is the MLP's GELU (`gelu`, `gelu_in_kernel` or `gelu_tanh`); `fp8_matmuls` runs the four
     matmuls in FP8 instead (models.fp8: the target encoder's option).
     """
 
@@ -192,10 +244,10 @@ class Block(nnx.Module):
         dtype,
         residual_dtype,
         fused_qkv=False,
-        gelu_kernel=False,
+        activation=gelu,
         rngs: nnx.Rngs,
     ):
-        self.gelu = gelu_in_kernel if gelu_kernel else gelu
+        self.gelu = activation
         self.norm1 = _layer_norm(dim, residual_dtype, rngs)
         self.attn = Attention(dim, heads, attn_fn, dtype=dtype, fused_qkv=fused_qkv, rngs=rngs)
         self.norm2 = _layer_norm(dim, residual_dtype, rngs)
@@ -212,7 +264,7 @@ class Block(nnx.Module):
             if first_query:
                 raise ValueError("FP8 blocks (the target encoder's) compute every row")
             # XLA's GELU: it can fuse with fc2's quantisation (the kernel was not measured here).
-            return fp8.block_forward(self, x, kv_lengths, gelu)
+            return fp8.block_forward(self, x, kv_lengths, _xla_form(self.gelu))
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
         return x + self.fc2(self.gelu(self.fc1(self.norm2(x))))
@@ -240,7 +292,7 @@ class BlockStack(nnx.Module):
         remat,
         scan,
         fused_qkv=False,
-        gelu_kernel=False,
+        activation=gelu,
         rngs: nnx.Rngs,
     ):
         self.depth = depth
@@ -258,7 +310,7 @@ class BlockStack(nnx.Module):
                 dtype=dtype,
                 residual_dtype=residual_dtype,
                 fused_qkv=fused_qkv,
-                gelu_kernel=gelu_kernel,
+                activation=activation,
                 rngs=rngs,
             )
 
@@ -327,7 +379,7 @@ class VisionTransformer(nnx.Module):
         remat: bool = False,
         scan: bool = False,
         fused_qkv: bool = False,
-        gelu_kernel: bool = False,
+        activation=gelu,
         rngs: nnx.Rngs,
     ):
         self.size = size
@@ -350,7 +402,7 @@ class VisionTransformer(nnx.Module):
             remat=remat,
             scan=scan,
             fused_qkv=fused_qkv,
-            gelu_kernel=gelu_kernel,
+            activation=activation,
             rngs=rngs,
         )
         self.norm = _layer_norm(size.width, residual_dtype, rngs)

@@ -1,0 +1,116 @@
+"""`config.model.gelu=tanh`: the tanh approximation against float64, how far it is from the exact
+GELU, the setting's resolution, and on a GPU that XLA folds it into fc1's cuBLAS GEMM."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, rel_err
+
+from configs.default import get_config
+from jepa_jax import attention, configuration, kernels, models
+from jepa_jax.models import vit
+from jepa_jax.models.build import mlp_activation
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def tanh_gelu_float64(x):
+    """The tanh approximation and its derivative in float64."""
+    x = np.asarray(x, np.float64)
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (x + 0.044715 * x**3))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * x * (1 + t), slope
+
+
+def _finite_bfloat16():
+    x = every_bfloat16()
+    return x[np.isfinite(x.astype(np.float32))]
+
+
+@pytest.mark.skipif(ON_GPU, reason="off a GPU it runs in float32; on one, inside the GEMM")
+def test_it_rounds_the_float64_formula_and_its_derivative_at_every_bf16_input():
+    x = _finite_bfloat16()
+    want, want_slope = tanh_gelu_float64(x)
+    got, vjp = jax.vjp(vit.gelu_tanh, jnp.asarray(x))
+    (slope,) = vjp(jnp.ones_like(got))
+    got, slope = np.asarray(got, np.float64), np.asarray(slope, np.float64)
+    assert not np.isnan(got).any() and not np.isnan(slope).any()
+    # Within one bf16 step, except below x = -6.8 (|values| under 1e-13), where float32's
+    # exponent and the backward's clip at -10 leave up to 3e-15.
+    for value, ref in ((got, want), (slope, want_slope)):
+        assert (
+            np.abs(value - ref) <= bfloat16_spacing(np.maximum(np.abs(ref), 1e-37)) + 1e-14
+        ).all()
+
+
+def test_it_is_the_exact_gelu_to_bf16_rounding_above_minus_2_and_5e_4_below():
+    """The figures config.model.gelu's comment quotes."""
+    x = _finite_bfloat16().astype(np.float64)
+    tanh, _ = tanh_gelu_float64(x)
+    exact, _ = gelu_float64(x)
+    assert np.abs(tanh - exact).max() < 5e-4
+    above = x >= -2
+    step = bfloat16_spacing(np.maximum(np.abs(exact[above]), 1e-37))
+    rounded = [np.asarray(y[above].astype(jnp.bfloat16), np.float64) for y in (tanh, exact)]
+    assert (np.abs(rounded[0] - rounded[1]) <= step).all()
+
+
+def test_the_setting_picks_the_mlps_gelu_and_bad_values_are_refused():
+    config = get_config("tiny")
+    assert config.model.gelu == "exact" and vit.gelu_formula({}) == "exact"  # older configs
+    tanh = models.resolve_gelu({"gelu": "tanh", "gelu_kernel": "auto"}, 1)
+    assert not tanh.on and tanh.formula == "tanh"
+    assert tanh.describe().startswith("GELU: tanh approximation (config.model.gelu=tanh)")
+    assert mlp_activation(tanh) is vit.gelu_tanh
+    assert mlp_activation(kernels.GeluKernel(False)) is vit.gelu
+    with pytest.raises(kernels.KernelUnavailableError, match="exact GELU.*gelu_kernel=auto"):
+        models.resolve_gelu({"gelu": "tanh"}, 1, setting="on")
+    config.model.gelu = "erf"
+    with pytest.raises(ValueError, match=r"config.model.gelu='erf' is invalid: choose one of"):
+        configuration.validate(config)
+
+
+def test_a_tanh_model_has_the_same_parameters_and_nearly_the_same_features():
+    config = get_config("tiny").model
+    config.depth = 2
+    choice = attention.Choice("reference", "reference")
+    exact = models.from_config(config, attention=choice)
+    config.gelu = "tanh"
+    tanh = models.from_config(config, attention=choice)
+    assert tanh.encoder.blocks.layers.gelu is vit.gelu_tanh
+    assert tanh.predictor.blocks.layers.gelu is vit.gelu_tanh
+    params = [nnx.to_pure_dict(nnx.state(m.encoder, nnx.Param)) for m in (exact, tanh)]
+    jax.tree.map(np.testing.assert_array_equal, *params)  # same seed, same parameters
+    side = config.image_size
+    images = jax.random.normal(fresh_key(), (2, side, side, 3), jnp.float32)
+    err = rel_err(tanh.encoder(images), exact.encoder(images))
+    assert 0 < err < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="compiles for a CUDA GPU")
+def test_on_a_gpu_it_runs_inside_fc1s_gemm_closer_to_float32_than_the_exact_path():
+    """fc1 + bias + GELU as one cuBLAS GEMM forward (BIAS_GELU), and in training with the
+    pre-activation kept for the backward (BIAS_GELU_AUX)."""
+    k = jax.random.split(fresh_key(), 3)
+    x = jax.random.normal(k[0], (4096, 768), jnp.bfloat16)
+    w = (jax.random.normal(k[1], (768, 3072)) / math.sqrt(768)).astype(jnp.bfloat16)
+    b = (0.1 * jax.random.normal(k[2], (3072,))).astype(jnp.bfloat16)
+
+    def mlp_in(act):
+        return jax.jit(lambda x, w, b: act(x @ w + b))
+
+    forward = mlp_in(vit.gelu_tanh).lower(x, w, b).compile().as_text()
+    assert '"epilogue":"BIAS_GELU"' in forward
+    loss = jax.jit(jax.grad(lambda x, w, b: jnp.sum(vit.gelu_tanh(x @ w + b) ** 2), (0, 1, 2)))
+    assert '"epilogue":"BIAS_GELU_AUX"' in loss.lower(x, w, b).compile().as_text()
+    h = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest") + b
+    want = jax.nn.gelu(h, approximate=False)
+    fused = rel_err(mlp_in(vit.gelu_tanh)(x, w, b), want)
+    exact_path = rel_err(mlp_in(vit.gelu)(x, w, b), want)  # fc1's output rounded, then GELU
+    assert fused < exact_path < 1e-2
