@@ -12,18 +12,9 @@ from flax import nnx
 
 from jepa_jax import attention as attention_lib
 from jepa_jax import kernels, presets
-from jepa_jax.models import fp8
+from jepa_jax.models import fp8, vit
 from jepa_jax.models.predictor import Predictor
-from jepa_jax.models.vit import (
-    SIZES,
-    VisionTransformer,
-    ViTSize,
-    encoder_size,
-    gelu,
-    gelu_formula,
-    gelu_in_kernel,
-    gelu_tanh,
-)
+from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
 
 @dataclasses.dataclass
@@ -170,7 +161,7 @@ def resolve_gelu(model_config, num_devices: int, setting: str | None = None) -> 
     """Which GELU runs for `config.model`: its formula (`gelu`), and the kernel per `setting`
     (by default its `gelu_kernel`; raises for an impossible `on`)."""
     setting = setting or kernels.setting(model_config, "gelu_kernel")
-    return kernels.resolve_gelu(setting, num_devices, gelu_formula(model_config))
+    return kernels.resolve_gelu(setting, num_devices, vit.gelu_formula(model_config))
 
 
 def resolve_fused_qkv(
@@ -185,8 +176,8 @@ def mlp_activation(gelu_kernel: kernels.GeluKernel):
     """The GELU every MLP calls: the tanh approximation, or the exact one in or out of the
     Pallas kernel."""
     if gelu_kernel.formula == "tanh":
-        return gelu_tanh
-    return gelu_in_kernel if gelu_kernel.on else gelu
+        return vit.gelu_tanh
+    return vit.gelu_in_kernel if gelu_kernel.on else vit.gelu
 
 
 def build(

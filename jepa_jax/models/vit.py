@@ -196,8 +196,13 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(
         x,
         cuda=functools.partial(jax.nn.gelu, approximate=True),
-        default=lambda x: (lambda xf: xf * _tanh_cdf(xf))(x.astype(jnp.float32)).astype(x.dtype),
+        default=_gelu_tanh_float32,
     )
+
+
+def _gelu_tanh_float32(x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * _tanh_cdf(xf)).astype(x.dtype)
 
 
 def _tanh_cdf(xf: jax.Array) -> jax.Array:
