@@ -433,6 +433,17 @@ def test_a_shallower_encoder_converts_with_its_depth(release, tmp_path):
         assert_identical(after[net], before[net], net)
 
 
+@ONE_PATCH
+def test_a_tanh_gelu_run_converts_and_says_the_release_computes_the_exact_gelu(release, tmp_path):
+    config = tiny_config(16)
+    config.model.gelu = "tanh"
+    convert.to_workdir(release.path, str(tmp_path / "workdir"), config=config)
+    said = []
+    convert.to_release(str(tmp_path / "workdir"), str(tmp_path / "back.pth.tar"), say=said.append)
+    assert_identical(load(str(tmp_path / "back.pth.tar")), load(release.path))
+    assert len(said) == 2 and "config.model.gelu=tanh" in said[1] and "exact GELU" in said[1]
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from jepa_jax.convert.layout import (
 )
 from jepa_jax.convert.read_release import describe
 from jepa_jax.convert.write_workdir import abstract_state, is_adam
-from jepa_jax.models.vit import encoder_size
+from jepa_jax.models.vit import encoder_size, gelu_formula
 
 # A fresh torch.cuda.amp.GradScaler's state: the release's loader restores one when bf16 is on.
 DEFAULT_SCALER = {
@@ -161,4 +161,10 @@ def to_release(path: str, out: str, say=print) -> str:
             os.remove(tmp)
         raise
     say(f"Wrote {out}: {describe(model)}; from {step_dir} (step {step}), epoch {release['epoch']}")
+    if gelu_formula(config.model) == "tanh":
+        say(
+            "Note: this run trained with config.model.gelu=tanh, and the release's model computes "
+            "the exact GELU: with these weights its outputs differ slightly (each GELU by at most "
+            "5e-4)."
+        )
     return out
