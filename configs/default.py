@@ -69,7 +69,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # exact | tanh. exact: the erf GELU the release trained with. tanh: its tanh approximation,
     # which XLA computes inside fc1's cuBLAS GEMM on a GPU (no GELU pass over memory): on an
     # H200 steps ran about 3% faster; each GELU output within bf16's rounding of the exact one
-    # for inputs above -2, at most 5e-4 away below (BENCHMARKS.md). A faster, less faithful option.
+    # for inputs above -2, and at most 5e-4 away anywhere (BENCHMARKS.md). A faster, less faithful
+    # option; gelu_kernel=on refuses it (the kernel computes the exact GELU).
     c.model.gelu = "exact"
     # off | target. target: the EMA target encoder's block matmuls multiply e4m3 operands, the
     # activations scaled by bounds derived from the parameters (jepa_jax.models.fp8): FP8 GEMMs

@@ -8,7 +8,7 @@ from jepa_jax import kernels, masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
 from jepa_jax.models import fp8
-from jepa_jax.models.vit import GELU_FORMULAS, SIZES, encoder_size, gelu_formula, patch_grid
+from jepa_jax.models.vit import SIZES, encoder_size, gelu_formula, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
 
@@ -39,10 +39,10 @@ def validate(config) -> None:
             f"choose one of {list(kernels.SETTINGS)}",
         )
     _require(
-        gelu_formula(m) in GELU_FORMULAS,
+        gelu_formula(m) in kernels.GELU_FORMULAS,
         "model.gelu",
         gelu_formula(m),
-        f"choose one of {list(GELU_FORMULAS)}",
+        f"choose one of {list(kernels.GELU_FORMULAS)}",
     )
     fp8_setting = fp8.setting(m)
     _require(

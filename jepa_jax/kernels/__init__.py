@@ -28,6 +28,7 @@ from jepa_jax.attention import (
 from jepa_jax.kernels import dense, gelu, short_attention
 
 SETTINGS = ("auto", "on", "off")
+GELU_FORMULAS = ("exact", "tanh")  # config.model.gelu; the GELU kernel computes the exact one
 
 
 class KernelUnavailableError(RuntimeError):
@@ -181,7 +182,7 @@ class GeluKernel:
 
     def describe(self) -> str:
         if self.formula == "tanh":
-            return "GELU: tanh approximation (config.model.gelu=tanh), in fc1's GEMM on a GPU"
+            return "GELU: tanh approximation (config.model.gelu=tanh; on CUDA, inside fc1's GEMM)"
         if self.on:
             return "GELU: forward in a Pallas kernel (XLA's where a shape does not tile)"
         return f"GELU: XLA ({self.reason})"
@@ -191,6 +192,8 @@ def resolve_gelu(setting: str, num_devices: int, formula: str = "exact") -> Gelu
     """What `config.model.gelu_kernel` means here for `config.model.gelu`'s `formula`; raises
     KernelUnavailableError for an `on` that cannot run, naming the cause and the fix."""
     _check_setting("gelu_kernel", setting)
+    if formula not in GELU_FORMULAS:
+        raise ValueError(f"config.model.gelu={formula!r}: choose one of {list(GELU_FORMULAS)}")
     if formula == "tanh":
         if setting == "on":
             raise _unavailable(

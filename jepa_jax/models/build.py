@@ -109,6 +109,11 @@ def from_config(
     """Build from a validated `config.model` (configs/default.py, configuration.validate);
     `attention`, `fused_qkv` and `gelu_kernel` skip resolving again."""
     size = encoder_size(model_config)
+    if gelu_kernel and gelu_kernel.formula != vit.gelu_formula(model_config):
+        raise ValueError(
+            f"gelu_kernel was resolved for gelu={gelu_kernel.formula!r}, but config.model.gelu="
+            f"{vit.gelu_formula(model_config)!r}: resolve it with models.resolve_gelu(config.model)"
+        )
     return build(
         size,
         patch_size=model_config.patch_size,

@@ -27,7 +27,8 @@ def load_encoder(
     `which`: "target" (the EMA encoder, the one I-JEPA evaluates) or "context" (the online one).
     Only that encoder's parameters are read, onto the first local device. A call compiles once
     per input shape. `attention`, `fused_qkv` and `gelu_kernel` (README: Attention, GPU) pick
-    what runs here, whatever the run used: parameters never depend on them.
+    what runs here, whatever the run used: parameters never depend on them. The GELU's formula
+    is the run's (`config.model.gelu`); the kernel serves the exact one only.
     """
     step_dir, config = checkpoint.read_config(path)
     m = ml_collections.ConfigDict(config.model.to_dict())

@@ -172,8 +172,6 @@ def _gelu_in_kernel_forward(x):
 
 gelu_in_kernel.defvjp(_gelu_in_kernel_forward, _gelu_backward)
 
-GELU_FORMULAS = ("exact", "tanh")  # config.model.gelu
-
 
 def gelu_formula(model_config) -> str:
     """`config.model.gelu`; configs saved before the field ran the exact GELU."""
@@ -191,7 +189,9 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     On CUDA it is written in x's dtype, the form XLA's GEMM rewriter folds into the cuBLAS GEMM
     that computes x (fc1 + bias + GELU as one kernel, evaluated in float32 before the output is
     rounded: closer to float32's exact GELU than the autocast path, which rounds fc1's output
-    first; BENCHMARKS.md). Elsewhere nothing fuses it, so it is computed in float32.
+    first; BENCHMARKS.md). Where XLA does not fold it (no cuBLAS GEMM before it, e.g. with
+    Triton GEMMs turned on), that form runs with its constants rounded to x's dtype. Elsewhere
+    nothing fuses it, so it is computed in float32.
     """
     return jax.lax.platform_dependent(
         x,
@@ -215,7 +215,7 @@ def _gelu_tanh_forward(x):
 
 
 def _gelu_tanh_backward(x, grad):
-    # Clipped where the slope is 0 or 1 in float32 anyway: x^3 would overflow (0 * inf = NaN).
+    # Clipped where the slope is 1, or under 1e-35, in float32: x^3 would overflow (0 * inf).
     xf = jnp.clip(x.astype(jnp.float32), -10, 10)
     cdf = _tanh_cdf(xf)
     slope = cdf + xf * 2 * cdf * (1 - cdf) * _TANH_SCALE * (1 + 3 * _TANH_CUBIC * xf * xf)
@@ -225,7 +225,7 @@ def _gelu_tanh_backward(x, grad):
 gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
 
 
-def _xla_form(activation):
+def _without_kernel(activation):
     """The activation without the Pallas kernel (the FP8 blocks fuse XLA's GELU themselves)."""
     return gelu if activation is gelu_in_kernel else activation
 
@@ -268,8 +268,9 @@ class Block(nnx.Module):
         if self.fp8_matmuls:
             if first_query:
                 raise ValueError("FP8 blocks (the target encoder's) compute every row")
-            # XLA's GELU: it can fuse with fc2's quantisation (the kernel was not measured here).
-            return fp8.block_forward(self, x, kv_lengths, _xla_form(self.gelu))
+            # XLA's GELU: the exact one fuses with fc2's quantisation, the tanh one into fc1's
+            # FP8 GEMM (the Pallas kernel was not measured here).
+            return fp8.block_forward(self, x, kv_lengths, _without_kernel(self.gelu))
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
         return x + self.fc2(self.gelu(self.fc1(self.norm2(x))))
