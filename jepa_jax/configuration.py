@@ -8,7 +8,8 @@ from jepa_jax import kernels, masks
 from jepa_jax.attention import IMPLEMENTATIONS
 from jepa_jax.evaluate.features import FEATURES
 from jepa_jax.models import fp8
-from jepa_jax.models.vit import SIZES, encoder_size, gelu_formula, patch_grid
+from jepa_jax.models.activations import gelu_formula
+from jepa_jax.models.vit import SIZES, encoder_size, patch_grid
 from jepa_jax.sources import ON_BAD_IMAGE, SOURCES
 from jepa_jax.totals import ON_NAN
 

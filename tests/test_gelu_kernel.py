@@ -13,8 +13,7 @@ from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, 
 from configs.default import get_config
 from jepa_jax import attention, configuration, kernels, models, sharding, trainer
 from jepa_jax.kernels import gelu as gelu_kernel
-from jepa_jax.models import vit
-from jepa_jax.models.build import mlp_activation
+from jepa_jax.models import activations, vit
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -48,7 +47,7 @@ def test_the_kernel_matches_the_models_gelu(shape):
     x = _random(shape)
     got = gelu_kernel.gelu(x, interpret=not ON_GPU)
     assert got.dtype == x.dtype and got.shape == x.shape
-    assert rel_err(got, vit.gelu(x)) < 1e-3  # both float32 inside, rounded to bf16
+    assert rel_err(got, activations.gelu(x)) < 1e-3  # both float32 inside, rounded to bf16
 
 
 @pytest.mark.gpu
@@ -56,7 +55,7 @@ def test_the_kernel_matches_the_models_gelu(shape):
 def test_compiled_kernel_at_the_step_shapes(shape):
     x = _random(shape)
     assert gelu_kernel.fits(x)
-    assert rel_err(jax.jit(gelu_kernel.gelu)(x), vit.gelu(x)) < 1e-3
+    assert rel_err(jax.jit(gelu_kernel.gelu)(x), activations.gelu(x)) < 1e-3
 
 
 @pytest.fixture
@@ -74,9 +73,9 @@ def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_t
     for shape, tiles in (((8, 1024), True), ((4, 1024), False)):
         x, g = _random(shape), _random(shape)
         assert gelu_kernel.fits(x) == tiles
-        assert ("pallas_call" in str(jax.make_jaxpr(vit.gelu_in_kernel)(x))) == tiles
-        out, vjp = jax.vjp(vit.gelu_in_kernel, x)
-        want, want_vjp = jax.vjp(vit.gelu, x)
+        assert ("pallas_call" in str(jax.make_jaxpr(activations.gelu_in_kernel)(x))) == tiles
+        out, vjp = jax.vjp(activations.gelu_in_kernel, x)
+        want, want_vjp = jax.vjp(activations.gelu, x)
         assert rel_err(out, want) < 1e-3
         assert (vjp(g)[0] == want_vjp(g)[0]).all()  # the same backward, exactly
         if not tiles:
@@ -94,10 +93,10 @@ def test_a_block_with_the_kernel_computes_what_it_computes_without(kernel_here):
             attention.get("reference"),
             dtype=jnp.bfloat16,
             residual_dtype=jnp.float32,
-            activation=mlp_activation(kernels.GeluKernel(on)),
+            activation=activations.for_mlp(kernels.GeluKernel(on)),
             rngs=nnx.Rngs(0),
         )
-        assert block.gelu is (vit.gelu_in_kernel if on else vit.gelu)
+        assert block.gelu is (activations.gelu_in_kernel if on else activations.gelu)
         outs.append(jax.grad(lambda x, b=block: jnp.sum(b(x) ** 2))(x))
     assert rel_err(outs[1], outs[0]) < 1e-2
 
@@ -150,7 +149,7 @@ def test_every_block_of_the_three_networks_gets_the_choice(scan):
         return ijepa.encoder, ijepa.target_encoder, ijepa.predictor
 
     for network in nnx.eval_shape(networks):
-        assert network.blocks.layers.gelu is vit.gelu_in_kernel
+        assert network.blocks.layers.gelu is activations.gelu_in_kernel
 
 
 _TWO = pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")

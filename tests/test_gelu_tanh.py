@@ -12,8 +12,7 @@ from numerics import bfloat16_spacing, every_bfloat16, fresh_key, rel_err
 
 from configs.default import get_config
 from jepa_jax import attention, configuration, kernels, models, sharding
-from jepa_jax.models import vit
-from jepa_jax.models.build import mlp_activation
+from jepa_jax.models import activations
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -36,7 +35,7 @@ def _finite_bfloat16():
 def test_it_rounds_the_float64_formula_and_its_derivative_at_every_bf16_input():
     x = _finite_bfloat16()
     want, want_slope = tanh_gelu_float64(x)
-    got, vjp = jax.vjp(vit.gelu_tanh, jnp.asarray(x))
+    got, vjp = jax.vjp(activations.gelu_tanh, jnp.asarray(x))
     (slope,) = vjp(jnp.ones_like(got))
     got, slope = np.asarray(got, np.float64), np.asarray(slope, np.float64)
     assert not np.isnan(got).any() and not np.isnan(slope).any()
@@ -53,26 +52,27 @@ def test_it_is_the_exact_gelu_to_bf16_rounding_above_minus_2_and_within_5e_4_any
     """The figures config.model.gelu's comment quotes, for the model's two GELUs."""
     x = _finite_bfloat16()
     xf = jnp.asarray(x, jnp.float32)
-    assert float(jnp.abs(vit.gelu_tanh(xf) - vit.gelu(xf)).max()) < 5e-4
+    assert float(jnp.abs(activations.gelu_tanh(xf) - activations.gelu(xf)).max()) < 5e-4
     above = x.astype(np.float32) >= -2
     tanh, exact = (
-        np.asarray(f(jnp.asarray(x[above])), np.float64) for f in (vit.gelu_tanh, vit.gelu)
+        np.asarray(f(jnp.asarray(x[above])), np.float64)
+        for f in (activations.gelu_tanh, activations.gelu)
     )
     assert (np.abs(tanh - exact) <= bfloat16_spacing(np.maximum(np.abs(exact), 1e-37))).all()
 
 
 def test_the_setting_picks_the_mlps_gelu_and_bad_values_are_refused():
     config = get_config("tiny")
-    assert config.model.gelu == "exact" and vit.gelu_formula({}) == "exact"  # older configs
+    assert config.model.gelu == "exact" and activations.gelu_formula({}) == "exact"  # older configs
     tanh = models.resolve_gelu({"gelu": "tanh", "gelu_kernel": "auto"}, 1)
     assert not tanh.on and tanh.formula == "tanh"
     assert tanh.describe().startswith("GELU: tanh approximation (config.model.gelu=tanh;")
-    assert mlp_activation(tanh) is vit.gelu_tanh
-    assert mlp_activation(kernels.GeluKernel(False)) is vit.gelu
-    assert mlp_activation(kernels.GeluKernel(True)) is vit.gelu_in_kernel
+    assert activations.for_mlp(tanh) is activations.gelu_tanh
+    assert activations.for_mlp(kernels.GeluKernel(False)) is activations.gelu
+    assert activations.for_mlp(kernels.GeluKernel(True)) is activations.gelu_in_kernel
     # FP8 blocks call XLA's form: the tanh GELU as it is, the exact one without the kernel.
-    assert vit._without_kernel(vit.gelu_tanh) is vit.gelu_tanh
-    assert vit._without_kernel(vit.gelu_in_kernel) is vit.gelu
+    assert activations.without_kernel(activations.gelu_tanh) is activations.gelu_tanh
+    assert activations.without_kernel(activations.gelu_in_kernel) is activations.gelu
     with pytest.raises(ValueError, match=r"config.model.gelu='TANH': choose one of"):
         kernels.resolve_gelu("auto", 1, "TANH")
     with pytest.raises(ValueError, match="resolve it with models.resolve_gelu"):
@@ -91,8 +91,8 @@ def test_a_tanh_model_has_the_same_parameters_and_nearly_the_same_features():
     exact = models.from_config(config, attention=choice)
     config.gelu = "tanh"
     tanh = models.from_config(config, attention=choice)
-    assert tanh.encoder.blocks.layers.gelu is vit.gelu_tanh
-    assert tanh.predictor.blocks.layers.gelu is vit.gelu_tanh
+    assert tanh.encoder.blocks.layers.gelu is activations.gelu_tanh
+    assert tanh.predictor.blocks.layers.gelu is activations.gelu_tanh
     params = [nnx.to_pure_dict(nnx.state(m.encoder, nnx.Param)) for m in (exact, tanh)]
     jax.tree.map(np.testing.assert_array_equal, *params)  # same seed, same parameters
     side = config.image_size
@@ -126,12 +126,14 @@ def test_on_a_gpu_it_runs_inside_fc1s_gemm_closer_to_float32_than_the_exact_path
     def mlp_in(act):
         return jax.jit(lambda x, w, b: act(x @ w + b))
 
-    forward = mlp_in(vit.gelu_tanh).lower(x, w, b).compile().as_text()
+    forward = mlp_in(activations.gelu_tanh).lower(x, w, b).compile().as_text()
     assert '"epilogue":"BIAS_GELU"' in forward
-    loss = jax.jit(jax.grad(lambda x, w, b: jnp.sum(vit.gelu_tanh(x @ w + b) ** 2), (0, 1, 2)))
+    loss = jax.jit(
+        jax.grad(lambda x, w, b: jnp.sum(activations.gelu_tanh(x @ w + b) ** 2), (0, 1, 2))
+    )
     assert '"epilogue":"BIAS_GELU_AUX"' in loss.lower(x, w, b).compile().as_text()
     h = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest") + b
     want = jax.nn.gelu(h, approximate=False)
-    fused = rel_err(mlp_in(vit.gelu_tanh)(x, w, b), want)
-    exact_path = rel_err(mlp_in(vit.gelu)(x, w, b), want)  # fc1's output rounded, then GELU
+    fused = rel_err(mlp_in(activations.gelu_tanh)(x, w, b), want)
+    exact_path = rel_err(mlp_in(activations.gelu)(x, w, b), want)  # fc1's output rounded, then GELU
     assert fused < exact_path < 1e-2

@@ -15,7 +15,8 @@ from configs.default import get_config
 from jepa_jax import attention, kernels, models, presets
 from jepa_jax.kernels import dense
 from jepa_jax.models import layers, vit
-from jepa_jax.models.vit import SIZES, BlockStack, gelu, patchify, sincos_pos_embed
+from jepa_jax.models.activations import gelu
+from jepa_jax.models.vit import SIZES, BlockStack, patchify, sincos_pos_embed
 
 
 def n_params(module) -> int:

@@ -25,7 +25,8 @@ from jepa_jax.convert.layout import (
 )
 from jepa_jax.convert.read_release import describe
 from jepa_jax.convert.write_workdir import abstract_state, is_adam
-from jepa_jax.models.vit import encoder_size, gelu_formula
+from jepa_jax.models.activations import gelu_formula
+from jepa_jax.models.vit import encoder_size
 
 # A fresh torch.cuda.amp.GradScaler's state: the release's loader restores one when bf16 is on.
 DEFAULT_SCALER = {

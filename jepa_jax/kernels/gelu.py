@@ -4,8 +4,8 @@ XLA's loop fusion takes a bf16 activation through the float32 GELU at about 2.6 
 H200; this kernel, in blocks of 8 x 1024, at 3.8 (31-32% less time at ViT-B/16's and ViT-H/14's
 MLP widths; whole steps about 1.5% faster; BENCHMARKS.md). Its erf is Abramowitz & Stegun
 7.1.26 (absolute error under 1.5e-7, far below bf16's rounding): Pallas' Triton lowering has no
-erf. The backward stays XLA's (`models.vit`): it fuses with the bias gradient's reduction, and a
-kernel doing both lost at three of four MLP shapes.
+erf. The backward stays XLA's (`models.activations`): it fuses with the bias gradient's
+reduction, and a kernel doing both lost at three of four MLP shapes.
 """
 
 from __future__ import annotations

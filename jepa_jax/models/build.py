@@ -12,7 +12,7 @@ from flax import nnx
 
 from jepa_jax import attention as attention_lib
 from jepa_jax import kernels, presets
-from jepa_jax.models import fp8, vit
+from jepa_jax.models import activations, fp8
 from jepa_jax.models.predictor import Predictor
 from jepa_jax.models.vit import SIZES, VisionTransformer, ViTSize, encoder_size
 
@@ -109,10 +109,11 @@ def from_config(
     """Build from a validated `config.model` (configs/default.py, configuration.validate);
     `attention`, `fused_qkv` and `gelu_kernel` skip resolving again."""
     size = encoder_size(model_config)
-    if gelu_kernel and gelu_kernel.formula != vit.gelu_formula(model_config):
+    formula = activations.gelu_formula(model_config)
+    if gelu_kernel and gelu_kernel.formula != formula:
         raise ValueError(
             f"gelu_kernel was resolved for gelu={gelu_kernel.formula!r}, but config.model.gelu="
-            f"{vit.gelu_formula(model_config)!r}: resolve it with models.resolve_gelu(config.model)"
+            f"{formula!r}: resolve it with models.resolve_gelu(config.model)"
         )
     return build(
         size,
@@ -166,7 +167,7 @@ def resolve_gelu(model_config, num_devices: int, setting: str | None = None) -> 
     """Which GELU runs for `config.model`: its formula (`gelu`), and the kernel per `setting`
     (by default its `gelu_kernel`; raises for an impossible `on`)."""
     setting = setting or kernels.setting(model_config, "gelu_kernel")
-    return kernels.resolve_gelu(setting, num_devices, vit.gelu_formula(model_config))
+    return kernels.resolve_gelu(setting, num_devices, activations.gelu_formula(model_config))
 
 
 def resolve_fused_qkv(
@@ -175,14 +176,6 @@ def resolve_fused_qkv(
     """Whether the q/k/v kernel runs for these networks (raises for an impossible `on`)."""
     widths = {"encoders": size.width, "predictor": pred_dim}
     return kernels.resolve(setting, dtype=dtype, num_devices=num_devices, widths=widths)
-
-
-def mlp_activation(gelu_kernel: kernels.GeluKernel):
-    """The GELU every MLP calls: the tanh approximation, or the exact one in or out of the
-    Pallas kernel."""
-    if gelu_kernel.formula == "tanh":
-        return vit.gelu_tanh
-    return vit.gelu_in_kernel if gelu_kernel.on else vit.gelu
 
 
 def build(
@@ -214,7 +207,7 @@ def build(
         remat,
         scan_layers,
         fused_qkv.on,
-        mlp_activation(gelu_kernel),
+        activations.for_mlp(gelu_kernel),
     )
     encoder, predictor = _init(jax.random.key(seed), shape)
     return IJEPA(encoder, nnx.clone(encoder), predictor, attention, fused_qkv, gelu_kernel)

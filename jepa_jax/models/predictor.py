@@ -7,14 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa_jax.attention import AttentionFn
-from jepa_jax.models.vit import (
-    BlockStack,
-    _layer_norm,
-    _linear,
-    dense_init,
-    gelu,
-    sincos_pos_embed,
-)
+from jepa_jax.models.activations import gelu
+from jepa_jax.models.vit import BlockStack, _layer_norm, _linear, dense_init, sincos_pos_embed
 
 
 class Predictor(nnx.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,9 @@ from jepa_jax.attention import (
     runs_cudnn,
     seq_multiple,
 )
-from jepa_jax.kernels import gelu as pallas_gelu
 from jepa_jax.kernels.dense import tiling_for, width_tiles
 from jepa_jax.models import fp8
+from jepa_jax.models.activations import gelu, without_kernel
 from jepa_jax.models.layers import linear_split
 
 LN_EPS = 1e-6
@@ -130,112 +129,12 @@ class Attention(nnx.Module):
         return self.attn_fn(q, k, v, kv_lengths=kv_lengths).reshape(b, t, d)
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as the release trained, computed in float32 and returned in x's dtype.
-
-    It has its own backward so that only `x` is kept for it: autodiff of `jax.nn.gelu` kept four
-    activation-sized arrays per call and recomputed erfc (H/14 step 6% faster, 12% less memory
-    without them; BENCHMARKS.md).
-    """
-    xf = x.astype(jnp.float32)
-    return (xf * _normal_cdf(xf)).astype(x.dtype)
-
-
-def _normal_cdf(xf: jax.Array) -> jax.Array:
-    return 0.5 * (1 + jax.lax.erf(xf * math.sqrt(0.5)))
-
-
-def _gelu_forward(x):
-    return gelu(x), x
-
-
-def _gelu_backward(x, grad):
-    xf = x.astype(jnp.float32)
-    normal_pdf = jnp.exp(-0.5 * xf * xf) / math.sqrt(2 * math.pi)
-    return ((grad.astype(jnp.float32) * (_normal_cdf(xf) + xf * normal_pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_forward, _gelu_backward)
-
-
-@jax.custom_vjp
-def gelu_in_kernel(x: jax.Array) -> jax.Array:
-    """`gelu` with its forward in `kernels.gelu`'s Pallas kernel where x's shape tiles (a CUDA
-    GPU only); the same backward."""
-    return pallas_gelu.gelu(x) if pallas_gelu.fits(x) else gelu(x)
-
-
-def _gelu_in_kernel_forward(x):
-    return gelu_in_kernel(x), x
-
-
-gelu_in_kernel.defvjp(_gelu_in_kernel_forward, _gelu_backward)
-
-
-def gelu_formula(model_config) -> str:
-    """`config.model.gelu`; configs saved before the field ran the exact GELU."""
-    return model_config.get("gelu", "exact")
-
-
-_TANH_SCALE = math.sqrt(2 / math.pi)
-_TANH_CUBIC = 0.044715
-
-
-@jax.custom_vjp
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    """GELU's tanh approximation (`config.model.gelu=tanh`: faster, not the release's formula).
-
-    On CUDA it is written in x's dtype, the form XLA's GEMM rewriter folds into the cuBLAS GEMM
-    that computes x (fc1 + bias + GELU as one kernel, evaluated in float32 before the output is
-    rounded: closer to float32's exact GELU than the autocast path, which rounds fc1's output
-    first; BENCHMARKS.md). Where XLA does not fold it (no cuBLAS GEMM before it, e.g. with
-    Triton GEMMs turned on), that form runs with its constants rounded to x's dtype. Elsewhere
-    nothing fuses it, so it is computed in float32.
-    """
-    return jax.lax.platform_dependent(
-        x,
-        cuda=functools.partial(jax.nn.gelu, approximate=True),
-        default=_gelu_tanh_float32,
-    )
-
-
-def _gelu_tanh_float32(x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    return (xf * _tanh_cdf(xf)).astype(x.dtype)
-
-
-def _tanh_cdf(xf: jax.Array) -> jax.Array:
-    """(1 + tanh z) / 2 as sigmoid(2z), which does not cancel where tanh z nears -1."""
-    return jax.nn.sigmoid(2 * _TANH_SCALE * (xf + _TANH_CUBIC * xf**3))
-
-
-def _gelu_tanh_forward(x):
-    return gelu_tanh(x), x
-
-
-def _gelu_tanh_backward(x, grad):
-    # Clipped where the slope is 1, or under 1e-35, in float32: x^3 would overflow (0 * inf).
-    xf = jnp.clip(x.astype(jnp.float32), -10, 10)
-    cdf = _tanh_cdf(xf)
-    slope = cdf + xf * 2 * cdf * (1 - cdf) * _TANH_SCALE * (1 + 3 * _TANH_CUBIC * xf * xf)
-    return ((grad.astype(jnp.float32) * slope).astype(x.dtype),)
-
-
-gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
-
-
-def _without_kernel(activation):
-    """The activation without the Pallas kernel (the FP8 blocks fuse XLA's GELU themselves)."""
-    return gelu if activation is gelu_in_kernel else activation
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block: x += attn(LN(x)); x += mlp(LN(x)).
 
     Matmuls run in `dtype`; the norms and both residual adds in `residual_dtype`, as autocast.
     `fused_qkv` writes q, k and v apart from inside their matmul (models.layers); `activation`
-    is the MLP's GELU (`gelu`, `gelu_in_kernel` or `gelu_tanh`); `fp8_matmuls` runs the four
+    is the MLP's GELU (one of `models.activations`); `fp8_matmuls` runs the four
     matmuls in FP8 instead (models.fp8: the target encoder's option).
     """
 
@@ -270,7 +169,7 @@ class Block(nnx.Module):
                 raise ValueError("FP8 blocks (the target encoder's) compute every row")
             # XLA's GELU: the exact one fuses with fc2's quantisation, the tanh one into fc1's
             # FP8 GEMM (the Pallas kernel was not measured here).
-            return fp8.block_forward(self, x, kv_lengths, _without_kernel(self.gelu))
+            return fp8.block_forward(self, x, kv_lengths, without_kernel(self.gelu))
         # The adds promote the bf16 branch outputs to x's dtype: the stream never rounds to bf16.
         x = x[:, first_query:] + self.attn(self.norm1(x), kv_lengths, first_query)
         return x + self.fc2(self.gelu(self.fc1(self.norm2(x))))
