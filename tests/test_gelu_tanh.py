@@ -161,7 +161,7 @@ def test_in_the_train_step_no_gelu_runs_outside_fc1s_gemm():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="runs the CUDA form")
-def test_on_a_gpu_the_unfolded_form_is_coarser_than_the_fused_one():
+def test_on_a_gpu_the_unfolded_form_stays_within_the_bounds_its_docstring_quotes():
     """With no GEMM before it, the CUDA form runs in bf16 arithmetic: at most 1.5 bf16 steps from
     the float64 formula for x >= 0 (H200: 1.31), and for x < 0, where 1 + tanh cancels, within
     3.5e-3 (H200: 2.97e-3) of values under 0.17 in size. The docstring quotes these figures."""
@@ -173,3 +173,6 @@ def test_on_a_gpu_the_unfolded_form_is_coarser_than_the_fused_one():
     spacing = bfloat16_spacing(np.maximum(np.abs(want), 1e-37))
     assert (err[positive] <= 1.5 * spacing[positive]).all()
     assert err[~positive].max() < 3.5e-3
+    # The cancellation the docstring warns of; if XLA ever computes this form in float32, this
+    # fails and the docstring's figures need updating.
+    assert err[~positive].max() > 1e-4

@@ -80,7 +80,7 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     first; BENCHMARKS.md). Where XLA does not fold it (no cuBLAS GEMM before it, e.g. with
     Triton GEMMs turned on), that form runs in bf16 arithmetic: within 1.5 bf16 steps for x >= 0,
     but 1 + tanh cancels for x < 0 (up to 3e-3 off). In the train step every one folds (a GPU
-    test checks). Elsewhere nothing fuses it, so it is computed in float32.
+    test checks the tiny preset's step). Elsewhere nothing fuses it, so it is computed in float32.
     """
     return jax.lax.platform_dependent(
         x,
