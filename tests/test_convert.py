@@ -566,6 +566,8 @@ def test_command_line(release, tmp_path, capsys, monkeypatch):
     )
     assert int(adam.count) == 0 and not any(np.any(x) for x in jax.tree.leaves(adam.mu))
 
+    assert convert.main(["convert", "--help"]) == 0
+    assert "--checkpoint: A release .pth.tar" in capsys.readouterr().out
     assert convert.main(["convert", "--workdir", out]) == 2
     assert "give --out and exactly one of" in capsys.readouterr().err
     assert convert.main(["convert", "--workdir", str(tmp_path / "nope"), "--out", "x.pth"]) == 1

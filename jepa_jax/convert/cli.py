@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     config_flags.DEFINE_config_file(
         "config", None, "With --checkpoint: configs/default.py:PRESET.", flag_values=fv
     )
+    argv = list(sys.argv if argv is None else argv)
+    if {"-h", "--help", "-help"} & set(argv[1:]):  # absl's FlagValues has no help flag of its own
+        print(f"{USAGE}\n{fv.get_help(include_special_flags=False)}")
+        return 0
     try:
-        fv(list(sys.argv if argv is None else argv))
+        fv(argv)
         if bool(fv.checkpoint) == bool(fv.workdir) or not fv.out:
             raise flags.Error("give --out and exactly one of --checkpoint and --workdir")
         if fv.workdir and fv.config is not None:
