@@ -104,6 +104,14 @@ def test_train_mode(tmp_path, monkeypatch, xla_flags_for_devices):
     assert row["img_per_s"] > 0 and row["flops_per_image"] > 0 and row["compile_s"] > 0
     assert row["useful_flops_per_image"] <= row["flops_per_image"]
     assert row["xla_memory"]["total_bytes"] > 0 and 0 < row["mfu"] < 1
+    # Every setting that changes a row's speed is in the row, so saved files compare.
+    assert (row["dtype"], row["residual_dtype"], row["fp8"], row["gelu"]) == (
+        "float32",
+        "float32",
+        "off",
+        "exact",
+    )
+    assert row["remat"] is False and row["fused_qkv"] is False
     cudnn = _rows(result)["cudnn"]
     assert cudnn["status"] == "unavailable" and "cudnn" in cudnn["reason"]
 

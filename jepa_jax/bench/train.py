@@ -52,6 +52,7 @@ def _timed_steps(config, spec, args, out: dict) -> None:
     import jax
 
     from jepa_jax import data, sharding, trainer
+    from jepa_jax.models import fp8
 
     mesh = sharding.make_mesh(config.mesh)
     net, state, tx = trainer.build(config, mesh)
@@ -82,6 +83,10 @@ def _timed_steps(config, spec, args, out: dict) -> None:
         short_attention_backward=net.attention.short_backward,
         gelu_kernel=net.gelu_kernel.on,
         gelu=net.gelu_kernel.formula,
+        fp8=fp8.setting(config.model),
+        dtype=config.model.dtype,
+        residual_dtype=config.model.residual_dtype,
+        remat=config.model.remat,
         lower_s=lowered_at - start,
         compile_s=time.perf_counter() - lowered_at,
         xla_memory=_memory(compiled),
