@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 import tempfile
+from importlib import metadata
 
 # Must be set before jax initialises its backends. Appended, so a user's XLA_FLAGS keeps its own
 # flags and the 8-device tests still run.
@@ -20,6 +21,9 @@ _DEVICES_PATTERN = r"--xla_force_host_platform_device_count=\d+"
 _FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 _FAST_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
 _ON_CPU = not os.path.exists("/dev/nvidiactl")
+# jaxlib 0.11 (Python 3.12 and later) has only the fusion emitters; its XLA stops the process at
+# the flag ("Unknown flag in XLA_FLAGS").
+_HAS_EMITTER_FLAG = tuple(map(int, metadata.version("jaxlib").split(".")[:2])) < (0, 11)
 
 
 def _append_flag(name: str, flag: str) -> None:
@@ -30,7 +34,8 @@ def _append_flag(name: str, flag: str) -> None:
 _append_flag("xla_force_host_platform_device_count", _DEVICES_FLAG)
 if _ON_CPU:
     _append_flag("xla_backend_optimization_level", _FAST_COMPILE_FLAG)
-    _append_flag("xla_cpu_use_fusion_emitters", _FAST_EMITTER_FLAG)
+    if _HAS_EMITTER_FLAG:
+        _append_flag("xla_cpu_use_fusion_emitters", _FAST_EMITTER_FLAG)
 # One persistent compilation cache for the session, inherited by every train.py / bench
 # subprocess: the same tiny step compiled by several tests or processes compiles once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

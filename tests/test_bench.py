@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -311,3 +312,77 @@ def test_profile_mode_writes_trace_and_json(tmp_path):
         # fusion kernels are named after their fusions, so the HLO's bytes reach their groups
         rates = [r["gb_per_s"] for r in result["rows"] if r["kind"] == "fusion"]
         assert any(rate and np.isfinite(rate) and rate > 0 for rate in rates), result["rows"]
+
+
+def test_hlo_counts_the_slices_a_fusion_reads_and_the_update_it_writes():
+    """A fusion that takes one layer out of stacked weights reads that layer only; one that
+    updates a slice of a buffer in place writes only the update."""
+    layers, rows, cols = np.random.default_rng().integers(3, 40, 3)
+    stacked = jnp.ones((layers, rows, cols), jnp.float32)
+    x = jnp.ones((rows, cols), jnp.bfloat16)
+    pick = jax.jit(lambda w, i, x: jnp.sin(jax.lax.dynamic_index_in_dim(w, i, 0, False)) * x)
+    text = pick.lower(stacked, 1, x).compile().as_text()
+    (moved,) = bench.hlo.fusion_bytes(text).values()
+    assert moved == rows * cols * (4 + 2 + 4) + 4  # the layer, x, the result, the index
+    update = jax.jit(
+        lambda w, i, u: jax.lax.dynamic_update_index_in_dim(w, jnp.sin(u), i, 0), donate_argnums=0
+    )
+    text = update.lower(stacked, 1, x.astype(jnp.float32)).compile().as_text()
+    ((kernel),) = bench.hlo.kernels(text)
+    assert kernel["kind"] == "fusion" and kernel["group"].endswith("_fusion_#")
+    assert kernel["bytes"] == rows * cols * (4 + 4) + 4  # the update read and written, the index
+
+
+# Lines of a step compiled for an H100, cut to what the parser reads.
+GPU_HLO = (pathlib.Path(__file__).parent / "data" / "h100_step_excerpt.hlo").read_text()
+
+
+def test_hlo_names_the_gemms_attention_and_pallas_kernels_a_gpu_step_launches():
+    found = bench.hlo.kernels(GPU_HLO)
+    groups = [(k["kind"], k["group"]) for k in found]
+    assert (
+        groups
+        == [
+            ("gemm", "cuBLAS bf16 GEMM, DEFAULT epilogue, writes bf16"),
+            ("gemm", "cuBLAS fp8 GEMM, BIAS_GELU epilogue, writes f8e4m3fn"),
+            ("attention", "cuDNN fmhaSoftmax"),
+            ("fusion", "Pallas gelu"),
+            ("gemm", "Pallas q/k/v projection (Mosaic GPU)"),
+        ]
+        + [("fusion", "loop_add_fusion_#")] * 3
+    )  # the while loop's body, once per trip
+    # The GEMM on one layer of the stacked weights reads that layer: 64 x 128, not 4 x that.
+    assert found[0]["bytes"] == (64 * 128 + 32 * 64 + 32 * 128) * 2
+    assert found[1]["bytes"] == (32 * 512 + 512 * 128) * 2 + 32 * 128 + 4
+    assert found[-1]["bytes"] == 32 * 128 * (4 + 2 + 4)
+    assert found[-1]["what"] == "convert, add -> f32[32,128]"  # ties: first seen first
+    rows = bench.compiled.group_rows(found, bandwidth=1e12)
+    assert rows[0]["group"] == "cuBLAS fp8 GEMM, BIAS_GELU epilogue, writes f8e4m3fn"
+    (loop,) = [r for r in rows if r["group"] == "loop_add_fusion_#"]
+    assert loop["kernels"] == 3 and loop["gb"] == 3 * 32 * 128 * 10 / 1e9
+    assert loop["least_ms"] == pytest.approx(loop["gb"])  # 1 GB at 1 TB/s: 1 ms
+
+
+def _cuda_plugin() -> bool:
+    from importlib.util import find_spec
+
+    return bool(find_spec("jax_plugins")) and any(
+        find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13)
+    )
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs jax's CUDA plugin (jax[cuda13]), no GPU")
+def test_compiled_mode_compiles_the_step_for_a_gpu_it_need_not_have(tmp_path):
+    """`compiled` builds the real step for an H100 from abstract arrays: with the tanh GELU it
+    runs cuDNN attention and the GELU in cuBLAS epilogues; afterwards jax sees its own devices."""
+    devices = jax.devices()
+    out = tmp_path / "compiled.json"
+    argv = ["compiled", "--config", "tiny", "--impls", "auto", "--per-device-batch", "4"]
+    argv += ["--gpu", "h100", "--config.model.gelu=tanh", "--top", "100", "--out", str(out)]
+    result = bench.main(argv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    groups = {row["group"] for row in result["rows"]}
+    assert {"cuDNN fmhaSoftmax", "cuBLAS bf16 GEMM, BIAS_GELU epilogue, writes bf16"} <= groups
+    (summary,) = result["summaries"]
+    assert summary["by_kind"]["fusion"]["least_ms"] > 0 and summary["temp_bytes"] > 0
+    assert jax.devices() == devices

@@ -1,4 +1,5 @@
-"""Benchmarks: attention kernels, I-JEPA steps (img/s, MFU, memory), largest batch, profiles.
+"""Benchmarks: attention kernels, I-JEPA steps (img/s, MFU, memory), largest batch, profiles,
+the compiled step's kernels.
 
 Usage (from the repo root; each run writes one JSON file and prints a table last on stdout):
   python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
@@ -18,6 +19,11 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       (a jax.profiler trace of the step; its GPU kernels grouped by name, in ms per step,
       and each fusion group's achieved GB/s from the bytes its HLO moves; --by kernel lists
       each kernel alone with what its fusion computes)
+  python -m jepa_jax.bench compiled [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
+      [--gpu h100|h200] [--top 30] [--out bench_compiled.json]
+      (the step compiled for that GPU without one, by jax's CUDA plugin: its kernels grouped,
+      cuBLAS GEMMs by precision, epilogue and output type, with the bytes each group moves and
+      the least time they take at the card's bandwidth)
 
 Every mode takes --plot PATH: the implementations side by side as bar charts (needs matplotlib,
 the `plot` extra).
@@ -32,11 +38,10 @@ from jepa_jax.bench.attention import attention_flops, bench_attention_one
 from jepa_jax.bench.breakdown import breakdown_rows
 from jepa_jax.bench.cli import MODES, main, parse_args
 from jepa_jax.bench.common import format_table, load_config
+from jepa_jax.bench.hlo import fusion_bytes, fusion_contents
 from jepa_jax.bench.max_batch import max_batch_one
 from jepa_jax.bench.profile import (
     device_kernels,
-    fusion_bytes,
-    fusion_contents,
     idle_per_step,
     kernel_alone,
     kernel_table,

@@ -11,6 +11,7 @@ from jepa_jax.bench import plot
 from jepa_jax.bench.attention import ATTENTION_COLUMNS, run_attention
 from jepa_jax.bench.breakdown import BREAKDOWN_COLUMNS, run_breakdown
 from jepa_jax.bench.common import format_table
+from jepa_jax.bench.compiled import COMPILED_COLUMNS, GPUS, run_compiled
 from jepa_jax.bench.max_batch import MAX_BATCH_COLUMNS, run_max_batch
 from jepa_jax.bench.profile import PROFILE_COLUMNS, run_profile
 from jepa_jax.bench.train import TRAIN_COLUMNS, _child_main, run_train
@@ -32,13 +33,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     att.add_argument("--kv-lengths", action="store_true", help="random kv lengths in [T/2, T]")
     att.add_argument("--reps", type=int, default=20)
     att.add_argument("--warmup", type=int, default=3)
-    for name, preset, impls in (
-        ("train", "vit_b16", "cudnn,xla,reference"),
-        ("max-batch", "vit_h14", "cudnn,xla"),
-        ("breakdown", "vit_h14", "cudnn"),
-        ("profile", "vit_h14", "cudnn"),
+    for name, preset, impls, what in (
+        ("train", "vit_b16", "cudnn,xla,reference", "img/s, MFU, memory"),
+        ("max-batch", "vit_h14", "cudnn,xla", "the largest batch that fits"),
+        ("breakdown", "vit_h14", "cudnn", "each part timed alone"),
+        ("profile", "vit_h14", "cudnn", "its GPU kernels traced"),
+        ("compiled", "vit_h14", "cudnn", "compiled for a GPU model, no GPU needed: its kernels"),
     ):
-        p = modes.add_parser(name, help=f"{name} with the real trainer step")
+        p = modes.add_parser(name, help=f"the real trainer step: {what}")
         p.add_argument(
             "--config",
             default=preset,
@@ -50,9 +52,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for p in (train, search):  # the modes that measure in subprocesses
         p.add_argument("--child-timeout", type=float, default=1200.0, help="seconds per subprocess")
     parts, profile = modes.choices["breakdown"], modes.choices["profile"]
+    compiled = modes.choices["compiled"]
     parts.add_argument("--reps", type=int, default=10)
-    for p in (parts, profile):
+    for p in (parts, profile, compiled):
         p.add_argument("--per-device-batch", type=int, default=128)
+    compiled.add_argument("--gpu", choices=tuple(GPUS), default="h100", help="compile for")
+    compiled.add_argument("--top", type=int, default=30, help="kernel groups listed per impl")
     profile.add_argument("--steps", type=int, default=3, help="traced steps")
     profile.add_argument("--warmup", type=int, default=3, help="untraced steps after the first")
     profile.add_argument("--top", type=int, default=25, help="kernel groups listed per impl")
@@ -98,6 +103,7 @@ MODES = {
     "max-batch": (run_max_batch, MAX_BATCH_COLUMNS),
     "breakdown": (run_breakdown, BREAKDOWN_COLUMNS),
     "profile": (run_profile, PROFILE_COLUMNS),
+    "compiled": (run_compiled, COMPILED_COLUMNS),
 }
 
 

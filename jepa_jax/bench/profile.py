@@ -7,9 +7,9 @@ op by op instead of as CUDA graphs, so kernels carry their fusions' names; a B/1
 fast without graphs (BENCHMARKS.md, thirteenth session), so the trace times the real step.
 On a CPU the trace holds host events only, and the kernel table is empty.
 
-Each fusion group also gets the bytes its kernels must move (every operand read once, every
-result written once, as the compiled HLO states their shapes) over their time: achieved GB/s,
-to set beside the card's copy bandwidth. XLA names a fusion's kernel after the fusion and runs
+Each fusion group also gets the bytes its kernels must move (`hlo.fusion_bytes`: every operand
+read once, or only the slices taken of it, every result written once) over their time: achieved
+GB/s, to set beside the card's copy bandwidth. XLA names a fusion's kernel after the fusion and runs
 identical fusions through one kernel, so a kernel name stands for one fusion's shapes. One
 group can hold fusions that compute different things (`loop_convert_fusion_#`: GELUs,
 normalisations, casts), so `--by kernel` lists each kernel name alone instead, with what its
@@ -22,16 +22,15 @@ The summary also gives the time, within the traced steps, when no GPU stream ran
 from __future__ import annotations
 
 import collections
-import functools
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import time
 
 from jepa_jax.bench.common import _environment, real_step_inputs
+from jepa_jax.bench.hlo import fusion_bytes, fusion_contents
 
 # First match wins, so cuDNN's helper kernels (cudnn::fusion::...) count as attention. Of this
 # package's kernels, short_attention_backward is attention and the q/k/v kernel (the one Mosaic
@@ -41,74 +40,6 @@ KINDS = (
     ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "splitkreduce", "mosaic")),
     ("copy", ("memcpy", "memset")),
 )
-
-
-# Bytes per element of the HLO element types a step uses.
-_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2}
-_ELEMENT_BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-# A computation's first line: `%fused_convert.11 (param_0: bf16[8]) -> bf16[8] {`.
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
-# `%name = SHAPE opcode(operands)`, SHAPE an array (`f32[8,128]{1,0}`) or a tuple of them.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)")
-
-
-def _shape_bytes(shape: str) -> int:
-    arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
-    return sum(
-        _ELEMENT_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
-        for dtype, dims in arrays
-    )
-
-
-# Ops that move or relabel data without computing: left out of a fusion's description.
-_PLUMBING = set("parameter constant broadcast bitcast reshape tuple get-tuple-element".split())
-
-
-def _kernel_name(fusion: str) -> str:
-    return re.sub(r"[.\-]", "_", fusion)
-
-
-@functools.lru_cache(maxsize=1)  # profile_one asks fusion_bytes and fusion_contents of one text
-def _parse(hlo_text: str):
-    """(bytes of each instruction's result, the fusions as (name, operands, shape, called
-    computation), each computation's ops in order)."""
-    sizes, fusions, ops, computation = {}, [], collections.defaultdict(list), None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-        match = _INSTRUCTION.match(line)
-        if match:
-            name, shape, opcode, operands = match.groups()
-            sizes[name] = _shape_bytes(shape)
-            ops[computation].append(opcode)
-            if opcode == "fusion":
-                called = re.search(r"calls=%([^\s,]+)", line)
-                operands = re.findall(r"%([^\s,)]+)", operands)
-                fusions.append((name, operands, shape, called and called.group(1)))
-    return sizes, fusions, ops
-
-
-def fusion_bytes(hlo_text: str) -> dict[str, int]:
-    """Kernel name -> bytes one launch of that fusion must move: its operands and results."""
-    sizes, fusions, _ = _parse(hlo_text)
-    return {
-        _kernel_name(name): sizes[name] + sum(sizes.get(o, 0) for o in operands)
-        for name, operands, _, _ in fusions
-    }
-
-
-def fusion_contents(hlo_text: str) -> dict[str, str]:
-    """Kernel name -> what that fusion computes: its ops, most frequent first, and its result's
-    shape ('multiply x3, erf, add, convert -> bf16[128,196,3072]')."""
-    _, fusions, ops = _parse(hlo_text)
-    contents = {}
-    for name, _, shape, called in fusions:
-        counts = collections.Counter(op for op in ops.get(called, ()) if op not in _PLUMBING)
-        listed = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in counts.most_common())
-        layoutless = re.sub(r"\{[\d,]*\}", "", shape)  # bf16[8,128]{1,0} -> bf16[8,128]
-        contents[_kernel_name(name)] = f"{listed} -> {layoutless}"
-    return contents
 
 
 def kernel_kind(name: str) -> str:

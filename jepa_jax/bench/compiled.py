@@ -1,0 +1,168 @@
+"""`compiled` mode: the real training step compiled for a GPU model that need not be here (jax's
+CUDA plugin compiles ahead of time from a description of the card), its kernels counted by
+group, with the bytes each group moves and the least time that takes at the card's bandwidth.
+
+It answers, before any GPU time is spent, whether a change fuses as meant (a GELU in a GEMM's
+epilogue, an FP8 GEMM writing e4m3) and how many bytes the memory-bound kernels move. It cannot
+time GEMMs or attention, or pick GEMM algorithms (autotuning runs kernels; nothing runs here).
+It needs jax's CUDA plugin (`pip install "jax[cuda13]"`), not a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from unittest import mock
+
+from jepa_jax.bench import hlo
+from jepa_jax.bench.common import _memory, load_config
+
+# name: (what CUDA calls the device, memory bytes, bandwidth bytes/s). Both are Hopper SXM parts
+# (compute capability 9.0, 132 SMs at up to 1.98 GHz, 50 MiB of L2); they differ in memory.
+GPUS = {
+    "h100": ("NVIDIA H100 80GB HBM3", 84_978_434_048, 3.35e12),
+    "h200": ("NVIDIA H200", 150_754_820_096, 4.8e12),
+}
+# What XLA's GPU compiler asks of a card (stream_executor.GpuTargetConfigProto, text format).
+# The CUDA runtime and cuDNN versions gate rewrites (FP8 GEMMs need CUDA 12 or later).
+_TARGET_CONFIG = """
+gpu_device_info {{
+  device_memory_size: {memory} memory_bandwidth: {bandwidth:.0f}
+  cuda_compute_capability {{ major: 9 minor: 0 }} core_count: 132 fpus_per_core: 128
+  clock_rate_ghz: 1.98 l2_cache_size: 52428800
+  threads_per_block_limit: 1024 threads_per_warp: 32 threads_per_core_limit: 2048
+  shared_memory_per_block: 49152 shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472 registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+}}
+platform_name: "CUDA"
+device_description_str: "{name}"
+runtime_version {{ major: 13 minor: 0 }}
+dnn_version_info {{ major: 9 minor: 19 }}
+"""
+
+
+def compile_only_devices(gpu: str) -> list:
+    """One compile-only device of `gpu` (a key of GPUS)."""
+    from jax.experimental import topologies
+
+    name, memory, bandwidth = GPUS[gpu]
+    config = _TARGET_CONFIG.format(name=name, memory=memory, bandwidth=bandwidth)
+    topology = topologies.get_topology_desc(gpu, "cuda", topology="1x1x1", target_config=config)
+    return list(topology.devices)
+
+
+@contextlib.contextmanager
+def compiling_for(devices: list):
+    """While the step is built and compiled: `jax.devices()` answers `devices`, so attention
+    and the kernels resolve as on that card; their startup checks (which run a kernel) count as
+    passed; and Pallas's Triton lowering is told the card (it asks the attached device)."""
+    import jax
+    from jax._src.pallas.triton import gpu_info
+
+    from jepa_jax import attention, kernels
+
+    version = gpu_info.gpu_version_from_device_kind(devices[0].device_kind)
+    with contextlib.ExitStack() as stack:
+        for owner, name, value in (
+            (jax, "devices", lambda backend=None: list(devices)),
+            (attention, "_cudnn_probe", lambda: None),
+            (kernels, "_startup_check", lambda *args, **kwargs: None),
+            (gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(version)),
+        ):
+            stack.enter_context(mock.patch.object(owner, name, value))
+        yield
+
+
+def compile_step(args, impl: str, devices: list):
+    """The real step for --config and its overrides with `impl` attention, compiled for
+    `devices` from abstract state and batch (nothing is allocated); (compiled, seconds)."""
+    import jax
+    import numpy as np
+
+    from jepa_jax import data, masks, optim, sharding, trainer
+
+    config = load_config(args.config, args.overrides)
+    config.model.attention = impl
+    config.batch_size = args.per_device_batch * len(devices)
+    with compiling_for(devices):
+        mesh = sharding.make_mesh(config.mesh, devices)
+        net, state = trainer.abstract_state(config, mesh)
+        tx = optim.optimizer(config, state.params)
+        spec, side = masks.mask_spec(config), config.model.image_size
+        images = np.zeros((config.batch_size, side, side, 3), np.uint8)
+        rows = sharding.batch_sharding(mesh)
+        batch = {
+            key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype, sharding=rows)
+            for key, value in data.synthetic_batch(config, spec, images, 0).items()
+        }
+        start = time.perf_counter()
+        lowered = trainer.compile_step(config, net, tx, mesh, state).lower(state, batch)
+        compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
+
+
+def group_rows(found: list[dict], bandwidth: float) -> list[dict]:
+    """hlo.kernels' kernels by group, most bytes first: launches, GB and the least ms those
+    bytes take at `bandwidth`; what a group's fusions compute where they all compute one thing."""
+    launches, moved = collections.Counter(), collections.Counter()
+    kind, what = {}, collections.defaultdict(set)
+    for kernel in found:
+        group = kernel["group"]
+        launches[group] += 1
+        moved[group] += kernel["bytes"]
+        kind[group] = kernel["kind"]
+        what[group].add(kernel["what"])
+    return [
+        {
+            "group": group,
+            "kind": kind[group],
+            "kernels": launches[group],
+            "gb": moved[group] / 1e9,
+            "least_ms": moved[group] / bandwidth * 1e3,
+            "what": next(iter(what[group])) if len(what[group]) == 1 else None,
+        }
+        for group, _ in moved.most_common()
+    ]
+
+
+SUMMED = ("kernels", "gb", "least_ms")  # a row's fields that add up over a kind
+
+
+def run_compiled(args) -> dict:
+    devices = compile_only_devices(args.gpu)
+    bandwidth = GPUS[args.gpu][2]
+    rows, summaries = [], []
+    for impl in args.impls.split(","):
+        compiled, seconds = compile_step(args, impl, devices)
+        groups = group_rows(hlo.kernels(compiled.as_text()), bandwidth)
+        by_kind = {}
+        for row in groups:
+            totals = by_kind.setdefault(row["kind"], dict.fromkeys(SUMMED, 0))
+            for key in totals:
+                totals[key] += row[key]
+        summaries.append(
+            {"impl": impl, "gpu": args.gpu, "compile_s": seconds, "by_kind": by_kind}
+            | _memory(compiled)
+        )
+        rows += [{"impl": impl, **row} for row in groups[: args.top]]
+        kinds = ", ".join(f"{k} {v['kernels']} ({v['gb']:.1f} GB)" for k, v in by_kind.items())
+        least = by_kind.get("fusion", {}).get("least_ms", 0.0)
+        print(
+            f"{impl} on {args.gpu}: compiled in {seconds:.1f} s; kernels per step: {kinds}; "
+            f"the fusions' bytes take at least {least:.1f} ms at {bandwidth / 1e12:.2f} TB/s",
+            flush=True,
+        )
+    return {"summaries": summaries, "rows": rows, "ratios": {}}
+
+
+COMPILED_COLUMNS = (
+    ("impl", lambda r: r["impl"], ""),
+    ("kernel group", lambda r: r["group"], ""),
+    ("kind", lambda r: r["kind"], ""),
+    ("kernels", lambda r: r["kernels"], "d"),
+    ("GB", lambda r: r["gb"], ".2f"),
+    ("least ms", lambda r: r["least_ms"], ".2f"),
+    ("what", lambda r: (r.get("what") or "")[:90], ""),
+)

@@ -1,0 +1,208 @@
+"""Reading a compiled step's HLO text: the kernels its entry computation launches, the bytes
+each must move, and what each fusion computes.
+
+A kernel's bytes are its results written once and its operands read once, as the HLO states
+their shapes, except that a fusion which only slices an operand (a layer's weights out of the
+stacked ones) reads only the slices. That is the least traffic the kernel can have: over the
+card's bandwidth, a lower bound on a memory-bound kernel's time.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import re
+from typing import NamedTuple
+
+# Bytes per element of the HLO element types a step uses.
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2}
+_ELEMENT_BYTES |= {"s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# A computation's first line: `%fused_convert.11 (param_0: bf16[8]) -> bf16[8] {`.
+_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) ")
+# `%name = SHAPE opcode(operands)`, SHAPE an array (`f32[8,128]{1,0}`) or a tuple of them.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)")
+# Ops that move or relabel data without computing: left out of a fusion's description, and
+# launching no kernel of their own in the entry computation.
+_PLUMBING = set("parameter constant broadcast bitcast reshape tuple get-tuple-element".split())
+_NO_KERNEL = _PLUMBING | {"copy-start", "copy-done", "after-all", "partition-id", "opt-barrier"}
+_NO_KERNEL |= {"fusion-done"}  # an async fusion's kernel is its fusion-start
+_SLICES = ("slice", "dynamic-slice")
+
+
+class Instruction(NamedTuple):
+    name: str
+    shape: str
+    opcode: str
+    operands: tuple[str, ...]
+    line: str
+
+
+class Module(NamedTuple):
+    computations: dict[str, list[Instruction]]
+    entry: str
+
+
+def shape_bytes(shape: str) -> int:
+    arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
+    return sum(
+        _ELEMENT_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in arrays
+    )
+
+
+def kernel_name(instruction: str) -> str:
+    """The name of the GPU kernel XLA emits for a fusion: `loop_add_fusion.3` -> `..._3`."""
+    return re.sub(r"[.\-]", "_", instruction)
+
+
+@functools.lru_cache(maxsize=2)  # each mode asks several questions of one text
+def parse(hlo_text: str) -> Module:
+    computations, current, entry = {}, None, ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            name, shape, opcode, operands = match.groups()
+            operands = tuple(re.findall(r"%([^\s,)]+)", operands))
+            current.append(Instruction(name, shape, opcode, operands, line))
+    return Module(computations, entry)
+
+
+def _called(instruction: Instruction) -> str | None:
+    called = re.search(r"calls=%([^\s,]+)", instruction.line)
+    return called and called.group(1)
+
+
+def _bytes_read(body: list[Instruction]) -> int:
+    """What a fused computation reads: each parameter whole, or only the slices taken of it."""
+    users = collections.defaultdict(list)
+    for instruction in body:
+        for operand in instruction.operands:
+            users[operand].append(instruction)
+
+    def read(name: str, whole: int) -> int:
+        taken = 0
+        for user in users[name]:
+            if user.opcode in _SLICES and user.operands[0] == name:
+                taken += shape_bytes(user.shape)
+            elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
+                pass  # updated in place: only the update moves
+            elif user.opcode == "bitcast":
+                taken += read(user.name, whole)
+            else:
+                return whole
+        return min(taken, whole)
+
+    return sum(read(i.name, shape_bytes(i.shape)) for i in body if i.opcode == "parameter")
+
+
+def _moved(module: Module, instruction: Instruction, sizes: dict[str, int]) -> int:
+    body = module.computations.get(_called(instruction) or "")
+    if not instruction.opcode.startswith("fusion") or body is None:
+        return sum(sizes.get(o, 0) for o in instruction.operands) + sizes[instruction.name]
+    root = body[-1]  # HLO text ends a computation with its ROOT
+    if root.opcode == "dynamic-update-slice":  # writes only the update, in place
+        update = next(i for i in body if i.name == root.operands[1])
+        return _bytes_read(body) + shape_bytes(update.shape)
+    return _bytes_read(body) + sizes[instruction.name]
+
+
+def fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """Kernel name -> bytes one launch of that fusion must move: its operands (or the slices it
+    takes of them) and results."""
+    module = parse(hlo_text)
+    sizes = {i.name: shape_bytes(i.shape) for body in module.computations.values() for i in body}
+    return {
+        kernel_name(i.name): _moved(module, i, sizes)
+        for body in module.computations.values()
+        for i in body
+        if i.opcode == "fusion"
+    }
+
+
+def _describe(module: Module, fusion: Instruction) -> str:
+    ops = (i.opcode for i in module.computations.get(_called(fusion) or "", ()))
+    counts = collections.Counter(op for op in ops if op not in _PLUMBING)
+    listed = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in counts.most_common())
+    layoutless = re.sub(r"\{[\d,]*\}", "", fusion.shape)  # bf16[8,128]{1,0} -> bf16[8,128]
+    return f"{listed} -> {layoutless}"
+
+
+def fusion_contents(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> what that fusion computes: its ops, most frequent first, and its result's
+    shape ('multiply x3, erf, add, convert -> bf16[128,196,3072]')."""
+    module = parse(hlo_text)
+    return {
+        kernel_name(i.name): _describe(module, i)
+        for body in module.computations.values()
+        for i in body
+        if i.opcode == "fusion"
+    }
+
+
+def _custom_call(instruction: Instruction, module: Module) -> Instruction | None:
+    """The library or Pallas call a kernel makes: a custom call itself, or the one a fusion
+    wraps (XLA wraps a GEMM that reads weight slices in place in a `dynamic_slice_fusion`)."""
+    if instruction.opcode == "custom-call":
+        return instruction
+    body = module.computations.get(_called(instruction) or "", ())
+    return next((i for i in body if i.opcode == "custom-call"), None)
+
+
+def _call_group(call: Instruction) -> tuple[str, str]:
+    """(kind, group) of a custom call: GEMMs by precision, epilogue and output type; cuDNN
+    calls by target; Pallas kernels by their name."""
+    target = re.search(r'custom_call_target="([^"]+)"', call.line).group(1)
+    output = re.match(r"\(?(\w+)\[", call.shape).group(1)
+    if target.startswith("__cublas"):
+        epilogue = re.search(r'"epilogue":"(\w+)"', call.line)
+        precision = "fp8" if target.endswith("f8") else "bf16"
+        epilogue = epilogue.group(1) if epilogue else "DEFAULT"
+        return "gemm", f"cuBLAS {precision} GEMM, {epilogue} epilogue, writes {output}"
+    if target.startswith("__cudnn"):
+        return "attention", f"cuDNN {target.removeprefix('__cudnn$')}"
+    if "mosaic" in target:  # this package's one Mosaic GPU kernel
+        return "gemm", "Pallas q/k/v projection (Mosaic GPU)"
+    named = re.search(r'\bname = "(\w+)"', call.line)
+    label = f"Pallas {named.group(1) if named else target}"
+    return ("attention" if "attention" in label else "fusion"), label
+
+
+def _launches(module: Module, computation: str, sizes: dict[str, int]) -> list[dict]:
+    found = []
+    for instruction in module.computations[computation]:
+        if instruction.opcode in _NO_KERNEL:
+            continue
+        if instruction.opcode == "while":  # a scanned stack of layers: its body, once per trip
+            body = re.search(r"body=%([^\s,]+)", instruction.line).group(1)
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.line)
+            found += _launches(module, body, sizes) * int(trips.group(1) if trips else 1)
+            continue
+        call = _custom_call(instruction, module)
+        if call is not None:
+            kind, group, what = *_call_group(call), None
+        elif instruction.opcode in ("fusion", "fusion-start"):
+            kind, what = "fusion", _describe(module, instruction)
+            # `loop_add_fusion` and `loop_add_fusion.12` -> `loop_add_fusion_#`
+            group = re.sub(r"(_\d+)*$", "_#", kernel_name(instruction.name), count=1)
+        else:
+            kind = group = instruction.opcode
+            what = None
+        moved = _moved(module, instruction, sizes)
+        found.append({"name": instruction.name, "kind": kind, "group": group, "bytes": moved})
+        found[-1]["what"] = what
+    return found
+
+
+def kernels(hlo_text: str) -> list[dict]:
+    """The kernels one run of the module launches, in order (a while loop's body once per
+    trip): name, kind (gemm, attention, fusion or the opcode), group (fusions by name with
+    digits masked, custom calls by what they run), bytes moved and, for fusions, what they
+    compute."""
+    module = parse(hlo_text)
+    sizes = {i.name: shape_bytes(i.shape) for body in module.computations.values() for i in body}
+    return _launches(module, module.entry, sizes)
