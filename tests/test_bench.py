@@ -324,6 +324,10 @@ def test_hlo_counts_the_slices_a_fusion_reads_and_the_update_it_writes():
     text = pick.lower(stacked, 1, x).compile().as_text()
     (moved,) = bench.hlo.fusion_bytes(text).values()
     assert moved == rows * cols * (4 + 2 + 4) + 4  # the layer, x, the result, the index
+    # Elementwise ops compute only the elements a slice asks of them: one layer is read.
+    norms = jax.jit(lambda w: jnp.sqrt(jnp.sum((w * w)[1], axis=0)))
+    (moved,) = bench.hlo.fusion_bytes(norms.lower(stacked).compile().as_text()).values()
+    assert moved == rows * cols * 4 + cols * 4
     update = jax.jit(
         lambda w, i, u: jax.lax.dynamic_update_index_in_dim(w, jnp.sin(u), i, 0), donate_argnums=0
     )
@@ -379,8 +383,10 @@ def test_compiled_mode_compiles_the_step_for_a_gpu_it_need_not_have(tmp_path):
     out = tmp_path / "compiled.json"
     argv = ["compiled", "--config", "tiny", "--impls", "auto", "--per-device-batch", "4"]
     argv += ["--gpu", "h100", "--config.model.gelu=tanh", "--top", "100", "--out", str(out)]
-    result = bench.main(argv)
+    result = bench.main([*argv, "--hlo-dir", str(tmp_path / "hlo")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    text = (tmp_path / "hlo" / "auto.hlo").read_text()
+    assert len(bench.hlo.kernels(text)) == sum(row["kernels"] for row in result["rows"])
     groups = {row["group"] for row in result["rows"]}
     assert {"cuDNN fmhaSoftmax", "cuBLAS bf16 GEMM, BIAS_GELU epilogue, writes bf16"} <= groups
     (summary,) = result["summaries"]

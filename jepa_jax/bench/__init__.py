@@ -20,7 +20,7 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       and each fusion group's achieved GB/s from the bytes its HLO moves; --by kernel lists
       each kernel alone with what its fusion computes)
   python -m jepa_jax.bench compiled [--config vit_h14] [--impls cudnn] [--per-device-batch 128]
-      [--gpu h100|h200] [--top 30] [--out bench_compiled.json]
+      [--gpu h100|h200] [--top 30] [--hlo-dir DIR] [--out bench_compiled.json]
       (the step compiled for that GPU without one, by jax's CUDA plugin: its kernels grouped,
       cuBLAS GEMMs by precision, epilogue and output type, with the bytes each group moves and
       the least time they take at the card's bandwidth)

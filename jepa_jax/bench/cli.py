@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.add_argument("--per-device-batch", type=int, default=128)
     compiled.add_argument("--gpu", choices=tuple(GPUS), default="h100", help="compile for")
     compiled.add_argument("--top", type=int, default=30, help="kernel groups listed per impl")
+    compiled.add_argument("--hlo-dir", help="also write each impl's compiled HLO here")
     profile.add_argument("--steps", type=int, default=3, help="traced steps")
     profile.add_argument("--warmup", type=int, default=3, help="untraced steps after the first")
     profile.add_argument("--top", type=int, default=25, help="kernel groups listed per impl")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import time
 from unittest import mock
 
@@ -57,20 +58,28 @@ def compile_only_devices(gpu: str) -> list:
 def compiling_for(devices: list):
     """While the step is built and compiled: `jax.devices()` answers `devices`, so attention
     and the kernels resolve as on that card; their startup checks (which run a kernel) count as
-    passed; and Pallas's Triton lowering is told the card (it asks the attached device)."""
+    passed; and Pallas's Triton lowering is told the card (jax 0.11 asks the attached device;
+    jax 0.10 lowers for compute capability 9.0 without one, which both GPUS are)."""
     import jax
-    from jax._src.pallas.triton import gpu_info
 
     from jepa_jax import attention, kernels
 
-    version = gpu_info.gpu_version_from_device_kind(devices[0].device_kind)
+    patches = [
+        (jax, "devices", lambda backend=None: list(devices)),
+        (attention, "_cudnn_probe", lambda: None),
+        (kernels, "_startup_check", lambda *args, **kwargs: None),
+    ]
+    try:
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:
+        pass
+    else:
+        card = gpu_info.get_gpu_info_from_version(
+            gpu_info.gpu_version_from_device_kind(devices[0].device_kind)
+        )
+        patches.append((gpu_info, "get_gpu_info", lambda: card))
     with contextlib.ExitStack() as stack:
-        for owner, name, value in (
-            (jax, "devices", lambda backend=None: list(devices)),
-            (attention, "_cudnn_probe", lambda: None),
-            (kernels, "_startup_check", lambda *args, **kwargs: None),
-            (gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(version)),
-        ):
+        for owner, name, value in patches:
             stack.enter_context(mock.patch.object(owner, name, value))
         yield
 
@@ -136,7 +145,12 @@ def run_compiled(args) -> dict:
     rows, summaries = [], []
     for impl in args.impls.split(","):
         compiled, seconds = compile_step(args, impl, devices)
-        groups = group_rows(hlo.kernels(compiled.as_text()), bandwidth)
+        text = compiled.as_text()
+        if args.hlo_dir:  # for reading further than the table goes
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"{impl}.hlo"), "w") as f:
+                f.write(text)
+        groups = group_rows(hlo.kernels(text), bandwidth)
         by_kind = {}
         for row in groups:
             totals = by_kind.setdefault(row["kind"], dict.fromkeys(SUMMED, 0))

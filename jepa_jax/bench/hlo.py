@@ -28,6 +28,13 @@ _PLUMBING = set("parameter constant broadcast bitcast reshape tuple get-tuple-el
 _NO_KERNEL = _PLUMBING | {"copy-start", "copy-done", "after-all", "partition-id", "opt-barrier"}
 _NO_KERNEL |= {"fusion-done"}  # an async fusion's kernel is its fusion-start
 _SLICES = ("slice", "dynamic-slice")
+# Ops whose every output element needs only the same element of each operand.
+_ELEMENTWISE = set(
+    """abs add and bitcast bitcast-convert cbrt ceil clamp compare convert copy cosine divide erf
+    exponential exponential-minus-one floor is-finite log log-plus-one logistic maximum minimum
+    multiply negate not or power remainder round-nearest-even rsqrt select sign sine sqrt
+    subtract tan tanh xor""".split()
+)
 
 
 class Instruction(NamedTuple):
@@ -43,8 +50,13 @@ class Module(NamedTuple):
     entry: str
 
 
+def _arrays(shape: str) -> list[tuple[str, str]]:
+    """(element type, dims) of each array in a shape: `(f32[8,128]{1,0}, s32[])`."""
+    return re.findall(r"(\w+)\[([\d,]*)\]", shape)
+
+
 def shape_bytes(shape: str) -> int:
-    arrays = re.findall(r"(\w+)\[([\d,]*)\]", shape)
+    arrays = _arrays(shape)
     return sum(
         _ELEMENT_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
         for dtype, dims in arrays
@@ -77,27 +89,38 @@ def _called(instruction: Instruction) -> str | None:
     return called and called.group(1)
 
 
+def _elements(shape: str) -> int:
+    return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _arrays(shape))
+
+
 def _bytes_read(body: list[Instruction]) -> int:
-    """What a fused computation reads: each parameter whole, or only the slices taken of it."""
+    """What a fused computation reads of its parameters: the share of each parameter's elements
+    that reaches the result, through slices and elementwise ops (which compute only the
+    elements asked of them); none of a buffer updated in place."""
     users = collections.defaultdict(list)
     for instruction in body:
-        for operand in instruction.operands:
+        for operand in set(instruction.operands):  # x * x reads x once
             users[operand].append(instruction)
+    root = body[-1].name  # HLO text ends a computation with its ROOT
 
-    def read(name: str, whole: int) -> int:
-        taken = 0
+    @functools.cache
+    def share(name: str, elements: int) -> float:
+        if name == root:
+            return 1.0
+        needed = 0.0
         for user in users[name]:
+            if user.opcode == "dynamic-update-slice" and user.operands[0] == name:
+                continue  # updated in place: only the update moves
             if user.opcode in _SLICES and user.operands[0] == name:
-                taken += shape_bytes(user.shape)
-            elif user.opcode == "dynamic-update-slice" and user.operands[0] == name:
-                pass  # updated in place: only the update moves
-            elif user.opcode == "bitcast":
-                taken += read(user.name, whole)
+                needed += share(user.name, _elements(user.shape)) * _elements(user.shape) / elements
+            elif user.opcode in _ELEMENTWISE and _elements(user.shape) == elements:
+                needed += share(user.name, elements)
             else:
-                return whole
-        return min(taken, whole)
+                return 1.0
+        return min(needed, 1.0)
 
-    return sum(read(i.name, shape_bytes(i.shape)) for i in body if i.opcode == "parameter")
+    params = (i for i in body if i.opcode == "parameter")
+    return round(sum(share(i.name, _elements(i.shape)) * shape_bytes(i.shape) for i in params))
 
 
 def _moved(module: Module, instruction: Instruction, sizes: dict[str, int]) -> int:
