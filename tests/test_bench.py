@@ -326,8 +326,8 @@ def test_hlo_counts_the_slices_a_fusion_reads_and_the_update_it_writes():
     assert moved == rows * cols * (4 + 2 + 4) + 4  # the layer, x, the result, the index
     # Elementwise ops compute only the elements a slice asks of them: one layer is read.
     norms = jax.jit(lambda w: jnp.sqrt(jnp.sum((w * w)[1], axis=0)))
-    (moved,) = bench.hlo.fusion_bytes(norms.lower(stacked).compile().as_text()).values()
-    assert moved == rows * cols * 4 + cols * 4
+    moved = bench.hlo.fusion_bytes(norms.lower(stacked).compile().as_text()).values()
+    assert max(moved) == rows * cols * 4 + cols * 4  # (XLA 0.11 takes the sqrt apart)
     update = jax.jit(
         lambda w, i, u: jax.lax.dynamic_update_index_in_dim(w, jnp.sin(u), i, 0), donate_argnums=0
     )
@@ -392,3 +392,14 @@ def test_compiled_mode_compiles_the_step_for_a_gpu_it_need_not_have(tmp_path):
     (summary,) = result["summaries"]
     assert summary["by_kind"]["fusion"]["least_ms"] > 0 and summary["temp_bytes"] > 0
     assert jax.devices() == devices
+
+
+@pytest.mark.skipif(_cuda_plugin(), reason="jax's CUDA plugin is installed here")
+def test_compiled_mode_without_the_cuda_plugin_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "jepa_jax.bench", "compiled", "--config", "tiny"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and 'pip install -e ".[cuda]"' in done.stderr

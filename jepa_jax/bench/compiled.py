@@ -17,7 +17,7 @@ import time
 from unittest import mock
 
 from jepa_jax.bench import hlo
-from jepa_jax.bench.common import _memory, load_config
+from jepa_jax.bench.common import _environment, _memory, load_config
 
 # name: (what CUDA calls the device, memory bytes, bandwidth bytes/s). Both are Hopper SXM parts
 # (compute capability 9.0, 132 SMs at up to 1.98 GHz, 50 MiB of L2); they differ in memory.
@@ -50,7 +50,13 @@ def compile_only_devices(gpu: str) -> list:
 
     name, memory, bandwidth = GPUS[gpu]
     config = _TARGET_CONFIG.format(name=name, memory=memory, bandwidth=bandwidth)
-    topology = topologies.get_topology_desc(gpu, "cuda", topology="1x1x1", target_config=config)
+    try:
+        topology = topologies.get_topology_desc(gpu, "cuda", topology="1x1x1", target_config=config)
+    except NotImplementedError:  # jax without a CUDA backend knows no "cuda" topology
+        raise RuntimeError(
+            "bench compiled compiles for a GPU with jax's CUDA plugin, which is not installed; "
+            'install it with pip install -e ".[cuda]" (no GPU needed)'
+        ) from None
     return list(topology.devices)
 
 
@@ -168,7 +174,7 @@ def run_compiled(args) -> dict:
             f"the fusions' bytes take at least {least:.1f} ms at {bandwidth / 1e12:.2f} TB/s",
             flush=True,
         )
-    return {"summaries": summaries, "rows": rows, "ratios": {}}
+    return {"env": _environment(), "summaries": summaries, "rows": rows, "ratios": {}}
 
 
 COMPILED_COLUMNS = (
