@@ -2,9 +2,10 @@
 each must move, and what each fusion computes.
 
 A kernel's bytes are its results written once and its operands read once, as the HLO states
-their shapes, except that a fusion which only slices an operand (a layer's weights out of the
-stacked ones) reads only the slices. That is the least traffic the kernel can have: over the
-card's bandwidth, a lower bound on a memory-bound kernel's time.
+their shapes, except where a fusion needs only part of an operand: the slices it takes (a
+layer's weights out of the stacked ones, also after elementwise ops), or none of a buffer it
+updates in place. That is the least traffic the kernel can have: over the card's bandwidth, a
+lower bound on a memory-bound kernel's time.
 """
 
 from __future__ import annotations
@@ -56,10 +57,9 @@ def _arrays(shape: str) -> list[tuple[str, str]]:
 
 
 def shape_bytes(shape: str) -> int:
-    arrays = _arrays(shape)
     return sum(
         _ELEMENT_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
-        for dtype, dims in arrays
+        for dtype, dims in _arrays(shape)
     )
 
 
@@ -215,9 +215,15 @@ def _launches(module: Module, computation: str, sizes: dict[str, int]) -> list[d
         else:
             kind = group = instruction.opcode
             what = None
-        moved = _moved(module, instruction, sizes)
-        found.append({"name": instruction.name, "kind": kind, "group": group, "bytes": moved})
-        found[-1]["what"] = what
+        found.append(
+            {
+                "name": instruction.name,
+                "kind": kind,
+                "group": group,
+                "bytes": _moved(module, instruction, sizes),
+                "what": what,
+            }
+        )
     return found
 
 
