@@ -327,7 +327,9 @@ def test_hlo_counts_the_slices_a_fusion_reads_and_the_update_it_writes():
     # Elementwise ops compute only the elements a slice asks of them: one layer is read.
     norms = jax.jit(lambda w: jnp.sqrt(jnp.sum((w * w)[1], axis=0)))
     moved = bench.hlo.fusion_bytes(norms.lower(stacked).compile().as_text()).values()
-    assert max(moved) == rows * cols * 4 + cols * 4  # (XLA 0.11 takes the sqrt apart)
+    # One fusion, or (some shapes, some XLAs) the squared layer written out and reduced apart.
+    layer = rows * cols * 4
+    assert layer + cols * 4 <= max(moved) <= 2 * layer < layers * layer
     update = jax.jit(
         lambda w, i, u: jax.lax.dynamic_update_index_in_dim(w, jnp.sin(u), i, 0), donate_argnums=0
     )
