@@ -49,6 +49,7 @@ class Instruction(NamedTuple):
 class Module(NamedTuple):
     computations: dict[str, list[Instruction]]
     entry: str
+    sizes: dict[str, int]  # bytes of each instruction's result, by name
 
 
 def _arrays(shape: str) -> list[tuple[str, str]]:
@@ -81,7 +82,8 @@ def parse(hlo_text: str) -> Module:
             name, shape, opcode, operands = match.groups()
             operands = tuple(re.findall(r"%([^\s,)]+)", operands))
             current.append(Instruction(name, shape, opcode, operands, line))
-    return Module(computations, entry)
+    sizes = {i.name: shape_bytes(i.shape) for body in computations.values() for i in body}
+    return Module(computations, entry, sizes)
 
 
 def _called(instruction: Instruction) -> str | None:
@@ -123,8 +125,8 @@ def _bytes_read(body: list[Instruction]) -> int:
     return round(sum(share(i.name, _elements(i.shape)) * shape_bytes(i.shape) for i in params))
 
 
-def _moved(module: Module, instruction: Instruction, sizes: dict[str, int]) -> int:
-    body = module.computations.get(_called(instruction) or "")
+def _moved(module: Module, instruction: Instruction) -> int:
+    sizes, body = module.sizes, module.computations.get(_called(instruction) or "")
     if not instruction.opcode.startswith("fusion") or body is None:
         return sum(sizes.get(o, 0) for o in instruction.operands) + sizes[instruction.name]
     root = body[-1]  # HLO text ends a computation with its ROOT
@@ -138,9 +140,8 @@ def fusion_bytes(hlo_text: str) -> dict[str, int]:
     """Kernel name -> bytes one launch of that fusion must move: its operands (or the slices it
     takes of them) and results."""
     module = parse(hlo_text)
-    sizes = {i.name: shape_bytes(i.shape) for body in module.computations.values() for i in body}
     return {
-        kernel_name(i.name): _moved(module, i, sizes)
+        kernel_name(i.name): _moved(module, i)
         for body in module.computations.values()
         for i in body
         if i.opcode == "fusion"
@@ -195,7 +196,7 @@ def _call_group(call: Instruction) -> tuple[str, str]:
     return ("attention" if "attention" in label else "fusion"), label
 
 
-def _launches(module: Module, computation: str, sizes: dict[str, int]) -> list[dict]:
+def _launches(module: Module, computation: str) -> list[dict]:
     found = []
     for instruction in module.computations[computation]:
         if instruction.opcode in _NO_KERNEL:
@@ -203,7 +204,7 @@ def _launches(module: Module, computation: str, sizes: dict[str, int]) -> list[d
         if instruction.opcode == "while":  # a scanned stack of layers: its body, once per trip
             body = re.search(r"body=%([^\s,]+)", instruction.line).group(1)
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.line)
-            found += _launches(module, body, sizes) * int(trips.group(1) if trips else 1)
+            found += _launches(module, body) * int(trips.group(1) if trips else 1)
             continue
         call = _custom_call(instruction, module)
         if call is not None:
@@ -220,7 +221,7 @@ def _launches(module: Module, computation: str, sizes: dict[str, int]) -> list[d
                 "name": instruction.name,
                 "kind": kind,
                 "group": group,
-                "bytes": _moved(module, instruction, sizes),
+                "bytes": _moved(module, instruction),
                 "what": what,
             }
         )
@@ -233,5 +234,4 @@ def kernels(hlo_text: str) -> list[dict]:
     digits masked, custom calls by what they run), bytes moved and, for fusions, what they
     compute."""
     module = parse(hlo_text)
-    sizes = {i.name: shape_bytes(i.shape) for body in module.computations.values() for i in body}
-    return _launches(module, module.entry, sizes)
+    return _launches(module, module.entry)
