@@ -15,6 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jepa_jax import sharding
+
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "reference")
 # cuDNN's training kernels reject some sequence lengths (odd ones, seen on an H100); padding to a
 # multiple of 8 keeps every length the model produces legal and the tiles aligned.
@@ -113,6 +115,10 @@ def _short(tokens: int) -> bool:
 
 
 def _cudnn(q, k, v, kv_lengths):
+    # cuDNN's partitioning rule stops the compile unless q, k and v are sharded alike, and
+    # sharding propagation alone gave an FSDP step's k and v no batch split (a replicated k, v
+    # beside a split q: "Query, key and value should have same sharding").
+    q, k, v = sharding.split_batch(q, k, v)
     return jax.nn.dot_product_attention(
         q, k, v, key_value_seq_lengths=kv_lengths, implementation="cudnn"
     )

@@ -154,6 +154,52 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def traced_on(mesh: Mesh, fn: Callable[..., T]) -> Callable[..., T]:
+    """fn, traced with `mesh` in context: what `split_batch` inside it splits over."""
+
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return on_mesh
+
+
+def split_batch(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays with their leading (batch) dimension split over the batch axes of the mesh
+    they are traced on (`traced_on`); as they are where no such mesh is set, or it has one
+    device (so a one-device step compiles exactly as without it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return arrays
+    return tuple(jax.lax.with_sharding_constraint(a, PartitionSpec(BATCH_AXES)) for a in arrays)
+
+
+def gathered(tree):
+    """Every array of `tree` whole on each device of the mesh it is traced on (`traced_on`):
+    FSDP's gather of a layer's parameters just before the layer runs, its gradient split back
+    over 'fsdp' (a reduce-scatter); as it is where the mesh has no 'fsdp' split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+        return tree
+    return jax.tree.map(_gather, tree)
+
+
+@jax.custom_vjp
+def _gather(a: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(a, PartitionSpec())
+
+
+def _gather_backward(_, grad):
+    # The gradient's own transpose would keep it whole on every device: an all-reduce, twice
+    # the bytes of a reduce-scatter, and a whole gradient per device in memory.
+    fsdp = jax.sharding.get_abstract_mesh().shape["fsdp"]
+    return (jax.lax.with_sharding_constraint(grad, _fsdp_spec(grad.shape, fsdp)),)
+
+
+_gather.defvjp(lambda a: (_gather(a), None), _gather_backward)
+
+
 def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
     """Split the largest dimension that `fsdp` divides; replicate if none does."""
     if fsdp > 1:

@@ -369,6 +369,37 @@ def test_hlo_names_the_gemms_attention_and_pallas_kernels_a_gpu_step_launches():
     assert loop["least_ms"] == pytest.approx(loop["gb"])  # 1 GB at 1 TB/s: 1 ms
 
 
+# Collectives as a GPU step's HLO writes them (lines cut): an async all-gather over a named
+# mesh axis, a reduce-scatter in iota groups, an async all-reduce in listed groups.
+COLLECTIVES_HLO = """
+ENTRY %main (p: bf16[16,192], g: f32[1024]) -> f32[1024] {
+  %p = bf16[16,192]{1,0} parameter(0)
+  %g = f32[1024]{0} parameter(1)
+  %ag-start = (bf16[16,192]{1,0}, bf16[64,192]{1,0}) all-gather-start(%p), channel_id=1, \
+replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}, dimensions={0}
+  %ag-done = bf16[64,192]{1,0} all-gather-done(%ag-start)
+  %rs = f32[256]{0} reduce-scatter(%g), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}
+  %ar-start = ((f32[1024]{0}), f32[1024]{0}) all-reduce-start(%g), channel_id=3, \
+replica_groups={{0,1},{2,3},{4,5},{6,7}}
+  ROOT %ar-done = f32[1024]{0} all-reduce-done(%ar-start)
+}
+"""
+
+
+def test_hlo_counts_what_each_device_sends_for_a_collective():
+    found = bench.hlo.kernels(COLLECTIVES_HLO)
+    assert [(k["kind"], k["group"]) for k in found] == [
+        ("collective", "all-gather"),
+        ("collective", "reduce-scatter"),
+        ("collective", "all-reduce"),
+    ]
+    # Ring algorithms: a device sends (n - 1) / n of the whole tensor, twice for an all-reduce.
+    assert [k["bytes"] for k in found] == [64 * 192 * 2 * 3 // 4, 1024 * 4 * 3 // 4, 1024 * 4]
+    rows = bench.compiled.group_rows(found, bandwidth=1e12, link_bandwidth=1e9)
+    (gather,) = [r for r in rows if r["group"] == "all-gather"]
+    assert gather["least_ms"] == pytest.approx(gather["gb"] * 1e3)  # at the link's 1 GB/s
+
+
 def _cuda_plugin() -> bool:
     from importlib.util import find_spec
 
@@ -395,6 +426,20 @@ def test_compiled_mode_compiles_the_step_for_a_gpu_it_need_not_have(tmp_path):
     (summary,) = result["summaries"]
     assert summary["by_kind"]["fusion"]["least_ms"] > 0 and summary["temp_bytes"] > 0
     assert jax.devices() == devices
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs jax's CUDA plugin (the [cuda] extra)")
+def test_compiled_mode_compiles_an_fsdp_step_for_several_gpus(tmp_path):
+    """4 H100s on an FSDP mesh with cuDNN attention (its partitioner once stopped this compile:
+    q, k and v were sharded apart): parameters gathered, gradients reduce-scattered."""
+    argv = ["compiled", "--config", "tiny", "--gpus", "4", "--per-device-batch", "4"]
+    argv += ["--gpu", "h100", "--config.mesh.fsdp=4", "--config.mesh.data=1"]
+    result = bench.main([*argv, "--top", "100", "--out", str(tmp_path / "compiled.json")])
+    groups = {row["group"] for row in result["rows"]}
+    assert {"cuDNN fmhaSoftmax", "all-gather", "reduce-scatter"} <= groups
+    assert "all-to-all" not in groups
+    (summary,) = result["summaries"]
+    assert summary["devices"] == 4 and summary["by_kind"]["collective"]["gb"] > 0
 
 
 @pytest.mark.skipif(_cuda_plugin(), reason="jax's CUDA plugin is installed here")

@@ -10,7 +10,8 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs.default import get_config
-from jepa_jax import objective, sharding, trainer
+from jepa_jax import bench, objective, sharding, trainer
+from jepa_jax import data as data_lib
 from tests.numerics import fresh_key, rel_err
 
 needs_8_devices = pytest.mark.skipif(
@@ -33,13 +34,34 @@ def float32_tiny():
     return config
 
 
+def gathered_rows(hlo_text: str, batch_size: int) -> list[str]:
+    """The arrays of batch rows (rank 3 or more, leading dimension a multiple of the batch) that
+    a compiled step's collectives produce; the parameters' lead with 1 or the depth."""
+    found = []
+    for instruction in bench.hlo.parse(hlo_text).computations.values():
+        for i in instruction:
+            if i.opcode.removesuffix("-start") in ("all-gather", "all-to-all", "all-reduce"):
+                for dtype, dims in bench.hlo._arrays(i.shape):
+                    sizes = [int(d) for d in dims.split(",") if d]
+                    if len(sizes) >= 3 and sizes[0] % batch_size == 0:
+                        found.append(f"{i.opcode} {dtype}{sizes}")
+    return found
+
+
 @needs_8_devices
 def test_meshes_agree_with_one_device(run_steps):
     config = float32_tiny()
     ref_state, _, ref_hist = run_steps(config, mesh_of(1, 1), 3)
     ref_params = jax.device_get(ref_state.params)
     for data, fsdp in [(1, 8)]:  # (8, 1) is the default mesh; test_multiprocess runs (1, 4)
-        state, _, hist = run_steps(config, mesh_of(data, fsdp), 3)
+        state, step_fn, hist = run_steps(config, mesh_of(data, fsdp), 3)
+        # FSDP gathers each layer's parameters; the activations stay split over the batch (left
+        # to itself, XLA gathered the blocks' inputs whole on every device instead).
+        batches = data_lib.create_iterator(config)
+        batch = sharding.global_batch(mesh_of(data, fsdp), next(batches))
+        batches.close()
+        text = step_fn.lower(state, batch).compile().as_text()
+        assert "all-gather" in text and not gathered_rows(text, config.batch_size)
         np.testing.assert_allclose(
             [h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5
         )

@@ -57,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for p in (parts, profile, compiled):
         p.add_argument("--per-device-batch", type=int, default=128)
     compiled.add_argument("--gpu", choices=tuple(GPUS), default="h100", help="compile for")
+    compiled.add_argument("--gpus", type=int, default=1, help="GPUs per host")
+    compiled.add_argument("--hosts", type=int, default=1, help="hosts (processes), one mesh")
     compiled.add_argument("--top", type=int, default=30, help="kernel groups listed per impl")
     compiled.add_argument("--hlo-dir", help="also write each impl's compiled HLO here")
     profile.add_argument("--steps", type=int, default=3, help="traced steps")

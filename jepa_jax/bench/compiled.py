@@ -3,9 +3,11 @@ CUDA plugin compiles ahead of time from a description of the card), its kernels 
 group, with the bytes each group moves and the least time that takes at the card's bandwidth.
 
 It answers, before any GPU time is spent, whether a change fuses as meant (a GELU in a GEMM's
-epilogue, an FP8 GEMM writing e4m3) and how many bytes the memory-bound kernels move. It cannot
-time GEMMs or attention, or pick GEMM algorithms (autotuning runs kernels; nothing runs here).
-It needs jax's CUDA plugin (`pip install "jax[cuda13]"`), not a GPU.
+epilogue, an FP8 GEMM writing e4m3) and how many bytes the memory-bound kernels move. For a mesh
+of several GPUs and hosts (`--gpus`, `--hosts`) it also answers whether the sharded step
+compiles, fits, and what each GPU sends to the others. It cannot time GEMMs, attention or
+collectives, or pick GEMM algorithms (autotuning runs kernels; nothing runs here). It needs
+jax's CUDA plugin (`pip install "jax[cuda13]"`), not a GPU.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from unittest import mock
 from jepa_jax.bench import hlo
 from jepa_jax.bench.common import _environment, _memory, load_config
 
-# name: (what CUDA calls the device, memory bytes, bandwidth bytes/s). Both are Hopper SXM parts
-# (compute capability 9.0, 132 SMs at up to 1.98 GHz, 50 MiB of L2); they differ in memory.
+# name: (what CUDA calls the device, memory bytes, memory bandwidth bytes/s). Both are Hopper
+# SXM parts (compute capability 9.0, 132 SMs at up to 1.98 GHz, 50 MiB of L2); they differ in
+# memory. Both send 450 GB/s each way over NVLink 4 (18 links of 25 GB/s) to GPUs of their host.
 GPUS = {
     "h100": ("NVIDIA H100 80GB HBM3", 84_978_434_048, 3.35e12),
     "h200": ("NVIDIA H200", 150_754_820_096, 4.8e12),
 }
+NVLINK_BANDWIDTH = 450e9
 # What XLA's GPU compiler asks of a card (stream_executor.GpuTargetConfigProto, text format).
 # The CUDA runtime and cuDNN versions gate rewrites (FP8 GEMMs need CUDA 12 or later).
 _TARGET_CONFIG = """
@@ -44,14 +48,16 @@ dnn_version_info {{ major: 9 minor: 19 }}
 """
 
 
-def compile_only_devices(gpu: str) -> list:
-    """One compile-only device of `gpu` (a key of GPUS)."""
+def compile_only_devices(gpu: str, hosts: int = 1, per_host: int = 1) -> list:
+    """Compile-only devices of `gpu` (a key of GPUS): `hosts` processes of `per_host` each."""
     from jax.experimental import topologies
 
     name, memory, bandwidth = GPUS[gpu]
     config = _TARGET_CONFIG.format(name=name, memory=memory, bandwidth=bandwidth)
     try:
-        topology = topologies.get_topology_desc(gpu, "cuda", topology="1x1x1", target_config=config)
+        # "slices x hosts x GPUs per host": one slice, the hosts of one run.
+        shape = f"1x{hosts}x{per_host}"
+        topology = topologies.get_topology_desc(gpu, "cuda", topology=shape, target_config=config)
     except NotImplementedError:  # jax without a CUDA backend knows no "cuda" topology
         raise RuntimeError(
             "bench compiled compiles for a GPU with jax's CUDA plugin, which is not installed; "
@@ -118,9 +124,12 @@ def compile_step(args, impl: str, devices: list):
     return compiled, time.perf_counter() - start
 
 
-def group_rows(found: list[dict], bandwidth: float) -> list[dict]:
+def group_rows(
+    found: list[dict], bandwidth: float, link_bandwidth: float = NVLINK_BANDWIDTH
+) -> list[dict]:
     """hlo.kernels' kernels by group, most bytes first: launches, GB and the least ms those
-    bytes take at `bandwidth`; what a group's fusions compute where they all compute one thing."""
+    bytes take at `bandwidth` (a collective's: at `link_bandwidth`, what a device sends over
+    its links); what a group's fusions compute where they all compute one thing."""
     launches, moved = collections.Counter(), collections.Counter()
     kind, what = {}, collections.defaultdict(set)
     for kernel in found:
@@ -129,13 +138,14 @@ def group_rows(found: list[dict], bandwidth: float) -> list[dict]:
         moved[group] += kernel["bytes"]
         kind[group] = kernel["kind"]
         what[group].add(kernel["what"])
+    speed = {group: link_bandwidth if k == "collective" else bandwidth for group, k in kind.items()}
     return [
         {
             "group": group,
             "kind": kind[group],
             "kernels": launches[group],
             "gb": moved[group] / 1e9,
-            "least_ms": moved[group] / bandwidth * 1e3,
+            "least_ms": moved[group] / speed[group] * 1e3,
             "what": next(iter(what[group])) if len(what[group]) == 1 else None,
         }
         for group, _ in moved.most_common()
@@ -146,8 +156,9 @@ SUMMED = ("kernels", "gb", "least_ms")  # a row's fields that add up over a kind
 
 
 def run_compiled(args) -> dict:
-    devices = compile_only_devices(args.gpu)
+    devices = compile_only_devices(args.gpu, args.hosts, args.gpus)
     bandwidth = GPUS[args.gpu][2]
+    where = f"{len(devices)} x {args.gpu}" + (f" on {args.hosts} hosts" if args.hosts > 1 else "")
     rows, summaries = [], []
     for impl in args.impls.split(","):
         compiled, seconds = compile_step(args, impl, devices)
@@ -162,16 +173,25 @@ def run_compiled(args) -> dict:
             totals = by_kind.setdefault(row["kind"], dict.fromkeys(SUMMED, 0))
             for key in totals:
                 totals[key] += row[key]
+        memory = _memory(compiled)
         summaries.append(
-            {"impl": impl, "gpu": args.gpu, "compile_s": seconds, "by_kind": by_kind}
-            | _memory(compiled)
+            {"impl": impl, "gpu": args.gpu, "devices": len(devices), "compile_s": seconds}
+            | {"by_kind": by_kind}
+            | memory
         )
         rows += [{"impl": impl, **row} for row in groups[: args.top]]
         kinds = ", ".join(f"{k} {v['kernels']} ({v['gb']:.1f} GB)" for k, v in by_kind.items())
         least = by_kind.get("fusion", {}).get("least_ms", 0.0)
+        links = by_kind.get("collective")
+        sent = links and (
+            f"; each GPU sends {links['gb']:.2f} GB to the others, at least "
+            f"{links['least_ms']:.1f} ms at {NVLINK_BANDWIDTH / 1e9:.0f} GB/s"
+        )
         print(
-            f"{impl} on {args.gpu}: compiled in {seconds:.1f} s; kernels per step: {kinds}; "
-            f"the fusions' bytes take at least {least:.1f} ms at {bandwidth / 1e12:.2f} TB/s",
+            f"{impl} on {where}: compiled in {seconds:.1f} s; XLA's memory estimate "
+            f"{memory.get('total_bytes', 0) / 2**30:.2f} GiB per GPU; kernels per step: {kinds}; "
+            f"the fusions' bytes take at least {least:.1f} ms at {bandwidth / 1e12:.2f} TB/s"
+            f"{sent or ''}",
             flush=True,
         )
     return {"env": _environment(), "summaries": summaries, "rows": rows, "ratios": {}}

@@ -28,6 +28,12 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*
 _PLUMBING = set("parameter constant broadcast bitcast reshape tuple get-tuple-element".split())
 _NO_KERNEL = _PLUMBING | {"copy-start", "copy-done", "after-all", "partition-id", "opt-barrier"}
 _NO_KERNEL |= {"fusion-done"}  # an async fusion's kernel is its fusion-start
+# Collectives between devices, as the bytes one device sends over its links with ring
+# algorithms: an all-reduce reduces and then gathers (twice a gather's share); a permute sends
+# its whole result. An async pair is counted at its `-done`, whose result is the collective's.
+_COLLECTIVES = {"all-gather": 1, "reduce-scatter": 1, "all-to-all": 1, "all-reduce": 2}
+_COLLECTIVES |= {"collective-permute": 0}
+_NO_KERNEL |= {f"{op}-start" for op in _COLLECTIVES}
 _SLICES = ("slice", "dynamic-slice")
 # Ops whose every output element needs only the same element of each operand.
 _ELEMENTWISE = set(
@@ -196,9 +202,48 @@ def _call_group(call: Instruction) -> tuple[str, str]:
     return ("attention" if "attention" in label else "fusion"), label
 
 
+def _group_size(line: str) -> int:
+    """Devices in each replica group of a collective: `replica_groups=mesh['data'=2,'fsdp'=4]
+    {'fsdp'}` (4), `replica_groups=[2,4]<=[8]` (4) or `replica_groups={{0,1},{2,3}}` (2)."""
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+    if named:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", named.group(1)))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", named.group(2)))
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    if iota:
+        return int(iota.group(1))
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    return len(listed.group(1).split(",")) if listed else 1
+
+
+def _link_bytes(instruction: Instruction, start: Instruction, sizes: dict[str, int]) -> int:
+    """What one device sends for a collective (`start`: where its operands and groups are)."""
+    op = start.opcode.removesuffix("-start")
+    whole = max(sum(sizes.get(o, 0) for o in start.operands), sizes[instruction.name])
+    if op == "collective-permute":
+        return sizes[instruction.name]
+    n = _group_size(start.line)
+    return round(_COLLECTIVES[op] * whole * (n - 1) / n)
+
+
 def _launches(module: Module, computation: str) -> list[dict]:
     found = []
+    named = {i.name: i for i in module.computations[computation]}
     for instruction in module.computations[computation]:
+        collective = instruction.opcode.removesuffix("-done")
+        if collective in _COLLECTIVES:
+            start = named.get(instruction.operands[0], instruction)
+            start = start if start.opcode == f"{collective}-start" else instruction
+            found.append(
+                {
+                    "name": instruction.name,
+                    "kind": "collective",
+                    "group": collective,
+                    "bytes": _link_bytes(instruction, start, module.sizes),
+                    "what": None,
+                }
+            )
+            continue
         if instruction.opcode in _NO_KERNEL:
             continue
         if instruction.opcode == "while":  # a scanned stack of layers: its body, once per trip
@@ -230,8 +275,9 @@ def _launches(module: Module, computation: str) -> list[dict]:
 
 def kernels(hlo_text: str) -> list[dict]:
     """The kernels one run of the module launches, in order (a while loop's body once per
-    trip): name, kind (gemm, attention, fusion or the opcode), group (fusions by name with
-    digits masked, custom calls by what they run), bytes moved and, for fusions, what they
+    trip): name, kind (gemm, attention, fusion, collective or the opcode), group (fusions by
+    name with digits masked, custom calls by what they run, collectives by op), bytes moved
+    (a collective's: what one device sends over its links) and, for fusions, what they
     compute."""
     module = parse(hlo_text)
     return _launches(module, module.entry)

@@ -126,7 +126,7 @@ def make_extract(
     def extract(params, images):
         return pooled(nnx.merge(graphdef, params), data.normalize(images), kind)
 
-    return jax.jit(extract, out_shardings=sharding.batch_sharding(mesh))
+    return jax.jit(sharding.traced_on(mesh, extract), out_shardings=sharding.batch_sharding(mesh))
 
 
 def eval_mesh(devices=None) -> jax.sharding.Mesh:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jepa_jax import sharding
 from jepa_jax.attention import (
     CUDNN_SEQ_MULTIPLE,
     AttentionFn,
@@ -230,6 +231,9 @@ class BlockStack(nnx.Module):
 
         def apply(x, layer, first_query=0):
             def block(x, layer):
+                # FSDP: each layer's parameters gathered whole, the rows kept split over the
+                # batch axes (otherwise XLA gathered activations instead: many more bytes).
+                x, layer = sharding.split_batch(x)[0], sharding.gathered(layer)
                 return nnx.merge(graphdef, layer)(x, kv_lengths, first_query)
 
             if self.remat:
