@@ -131,8 +131,9 @@ def abstract_state(config, mesh) -> tuple[Networks, TrainState]:
 
 def compile_step(config, net: Networks, tx, mesh, state: TrainState):
     """The step, jitted once with state/batch shardings and the old state's buffers donated."""
-    step = functools.partial(train_step, net=net, tx=tx, sched=optim.schedules(config))
-    step = sharding.traced_on(mesh, step)  # cuDNN attention splits q, k and v over it alike
+    # Traced on the mesh: cuDNN attention and FSDP's gathers lay their arrays out over it.
+    on_mesh = sharding.traced_on(mesh, train_step)
+    step = functools.partial(on_mesh, net=net, tx=tx, sched=optim.schedules(config))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(
         step,

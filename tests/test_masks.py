@@ -262,11 +262,14 @@ def test_derived_context_length_matches_the_release_collator(preset):
     assert spec.trim_batch == config.mask.trim_batch
     rng = np.random.default_rng(np.random.SeedSequence().entropy)
     strata = (np.arange(32) + rng.random()) / 32  # a stratified grid of size draws, fresh offset
-    per_cell = max(1, 32 // spec.trim_batch)  # as many images in each cell at every trim
+    per_cell = max(1, 128 // spec.trim_batch)  # as many images in each cell at every trim
     minima = [
         _release_trimmed_context(spec.grid, spec.trim_batch, rt, rc, rng)
         for rt in strata
         for rc in strata
         for _ in range(per_cell)
     ]
-    assert abs(np.mean(minima) - spec.num_context) <= 2, (np.mean(minima), spec.num_context)
+    # The mean of these draws spreads by 0.6-0.7 tokens from run to run at 448 px (271 tokens;
+    # 0.2-0.4 at 224 px): 2 tokens failed 2.5% of runs there, 1% of the length is 4 spreads.
+    tolerance = max(2, 0.01 * spec.num_context)
+    assert abs(np.mean(minima) - spec.num_context) <= tolerance, (np.mean(minima), spec.num_context)
