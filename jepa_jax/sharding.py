@@ -155,7 +155,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def traced_on(mesh: Mesh, fn: Callable[..., T]) -> Callable[..., T]:
-    """fn, traced with `mesh` in context: what `split_batch` inside it splits over."""
+    """fn, traced with `mesh` in context: the mesh `split_batch` and `gathered` inside it lay
+    their arrays out over."""
 
     @functools.wraps(fn)
     def on_mesh(*args, **kwargs):

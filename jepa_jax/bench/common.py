@@ -48,16 +48,22 @@ class RealStep(NamedTuple):
     batch: dict  # synthetic uint8 images and sampled masks, sharded over the mesh
 
 
-def real_step_inputs(args, impl: str) -> RealStep:
+def step_config(args, impl: str, devices: int):
     """--config with its overrides, `impl` attention, --per-device-batch images per device."""
+    config = load_config(args.config, args.overrides)
+    config.model.attention = impl
+    config.batch_size = args.per_device_batch * devices
+    return config
+
+
+def real_step_inputs(args, impl: str) -> RealStep:
+    """The step's pieces for `step_config` on this machine's devices, state and batch made."""
     import jax
     import numpy as np
 
     from jepa_jax import data, masks, sharding, trainer
 
-    config = load_config(args.config, args.overrides)
-    config.model.attention = impl
-    config.batch_size = args.per_device_batch * jax.device_count()
+    config = step_config(args, impl, jax.device_count())
     mesh = sharding.make_mesh(config.mesh)
     net, state, tx = trainer.build(config, mesh)
     spec = masks.mask_spec(config)

@@ -19,7 +19,7 @@ import time
 from unittest import mock
 
 from jepa_jax.bench import hlo
-from jepa_jax.bench.common import _environment, _memory, load_config
+from jepa_jax.bench.common import _environment, _memory, step_config
 
 # name: (what CUDA calls the device, memory bytes, memory bandwidth bytes/s). Both are Hopper
 # SXM parts (compute capability 9.0, 132 SMs at up to 1.98 GHz, 50 MiB of L2); they differ in
@@ -104,9 +104,7 @@ def compile_step(args, impl: str, devices: list):
 
     from jepa_jax import data, masks, optim, sharding, trainer
 
-    config = load_config(args.config, args.overrides)
-    config.model.attention = impl
-    config.batch_size = args.per_device_batch * len(devices)
+    config = step_config(args, impl, len(devices))
     with compiling_for(devices):
         mesh = sharding.make_mesh(config.mesh, devices)
         net, state = trainer.abstract_state(config, mesh)

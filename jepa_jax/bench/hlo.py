@@ -142,16 +142,21 @@ def _moved(module: Module, instruction: Instruction) -> int:
     return _bytes_read(body) + sizes[instruction.name]
 
 
-def fusion_bytes(hlo_text: str) -> dict[str, int]:
-    """Kernel name -> bytes one launch of that fusion must move: its operands (or the slices it
-    takes of them) and results."""
+def _each_fusion(hlo_text: str, measure) -> dict:
+    """Kernel name -> measure(module, fusion) for every fusion of the module."""
     module = parse(hlo_text)
     return {
-        kernel_name(i.name): _moved(module, i)
+        kernel_name(i.name): measure(module, i)
         for body in module.computations.values()
         for i in body
         if i.opcode == "fusion"
     }
+
+
+def fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """Kernel name -> bytes one launch of that fusion must move: its operands (or the slices it
+    takes of them) and results."""
+    return _each_fusion(hlo_text, _moved)
 
 
 def _describe(module: Module, fusion: Instruction) -> str:
@@ -165,13 +170,7 @@ def _describe(module: Module, fusion: Instruction) -> str:
 def fusion_contents(hlo_text: str) -> dict[str, str]:
     """Kernel name -> what that fusion computes: its ops, most frequent first, and its result's
     shape ('multiply x3, erf, add, convert -> bf16[128,196,3072]')."""
-    module = parse(hlo_text)
-    return {
-        kernel_name(i.name): _describe(module, i)
-        for body in module.computations.values()
-        for i in body
-        if i.opcode == "fusion"
-    }
+    return _each_fusion(hlo_text, _describe)
 
 
 def _custom_call(instruction: Instruction, module: Module) -> Instruction | None:
@@ -216,12 +215,16 @@ def _group_size(line: str) -> int:
     return len(listed.group(1).split(",")) if listed else 1
 
 
-def _link_bytes(instruction: Instruction, start: Instruction, sizes: dict[str, int]) -> int:
-    """What one device sends for a collective (`start`: where its operands and groups are)."""
+def _link_bytes(instruction: Instruction, named: dict[str, Instruction], sizes) -> int:
+    """What one device sends for a collective: an async one's `-done` takes its operands and
+    groups from the `-start` it waits for (`named`: the computation's instructions by name)."""
+    done = instruction.opcode.endswith("-done")
+    start = named[instruction.operands[0]] if done else instruction
+    result = sizes[instruction.name]
     op = start.opcode.removesuffix("-start")
-    whole = max(sum(sizes.get(o, 0) for o in start.operands), sizes[instruction.name])
     if op == "collective-permute":
-        return sizes[instruction.name]
+        return result
+    whole = max(sum(sizes.get(o, 0) for o in start.operands), result)
     n = _group_size(start.line)
     return round(_COLLECTIVES[op] * whole * (n - 1) / n)
 
@@ -230,20 +233,6 @@ def _launches(module: Module, computation: str) -> list[dict]:
     found = []
     named = {i.name: i for i in module.computations[computation]}
     for instruction in module.computations[computation]:
-        collective = instruction.opcode.removesuffix("-done")
-        if collective in _COLLECTIVES:
-            start = named.get(instruction.operands[0], instruction)
-            start = start if start.opcode == f"{collective}-start" else instruction
-            found.append(
-                {
-                    "name": instruction.name,
-                    "kind": "collective",
-                    "group": collective,
-                    "bytes": _link_bytes(instruction, start, module.sizes),
-                    "what": None,
-                }
-            )
-            continue
         if instruction.opcode in _NO_KERNEL:
             continue
         if instruction.opcode == "while":  # a scanned stack of layers: its body, once per trip
@@ -251,22 +240,26 @@ def _launches(module: Module, computation: str) -> list[dict]:
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.line)
             found += _launches(module, body) * int(trips.group(1) if trips else 1)
             continue
+        collective = instruction.opcode.removesuffix("-done")
         call = _custom_call(instruction, module)
-        if call is not None:
-            kind, group, what = *_call_group(call), None
+        moved, what = None, None
+        if collective in _COLLECTIVES:
+            kind, group = "collective", collective
+            moved = _link_bytes(instruction, named, module.sizes)
+        elif call is not None:
+            kind, group = _call_group(call)
         elif instruction.opcode in ("fusion", "fusion-start"):
             kind, what = "fusion", _describe(module, instruction)
             # `loop_add_fusion` and `loop_add_fusion.12` -> `loop_add_fusion_#`
             group = re.sub(r"(_\d+)*$", "_#", kernel_name(instruction.name), count=1)
         else:
             kind = group = instruction.opcode
-            what = None
         found.append(
             {
                 "name": instruction.name,
                 "kind": kind,
                 "group": group,
-                "bytes": _moved(module, instruction),
+                "bytes": _moved(module, instruction) if moved is None else moved,
                 "what": what,
             }
         )
