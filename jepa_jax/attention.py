@@ -141,7 +141,8 @@ def _cudnn_then_kernel_backward(residuals, grad):
     batch, tokens = q.shape[:2]
     lengths = jnp.full((batch,), tokens, jnp.int32) if kv_lengths is None else kv_lengths
     scale = q.shape[-1] ** -0.5
-    grads = short_attention.attention_backward(q, k, v, grad.astype(q.dtype), lengths, scale=scale)
+    kernel = functools.partial(short_attention.attention_backward, scale=scale)
+    grads = sharding.on_each_device(kernel, q, k, v, grad.astype(q.dtype), lengths)
     return (*grads, None)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 import sys
 import traceback
@@ -174,6 +175,44 @@ def split_batch(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
         return arrays
     return tuple(jax.lax.with_sharding_constraint(a, PartitionSpec(BATCH_AXES)) for a in arrays)
+
+
+def batch_shards() -> int:
+    """How many devices the batch is split over on the mesh traced on (`traced_on`); 1 where
+    no such mesh is set, or inside a `shard_map` over its batch axes (each device's rows)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.auto_axes):
+        return 1
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def local_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The block of a batch-leading array of `shape` that `on_each_device` hands each device;
+    None where its rows do not split evenly (it then runs the function on the whole array)."""
+    shards = batch_shards()
+    if shape[0] % shards:
+        return None
+    return (shape[0] // shards, *shape[1:])
+
+
+def on_each_device(fn: Callable[..., T], *args: jax.Array, whole: tuple[int, ...] = ()) -> T:
+    """fn(*args) run by each device on its own rows of the batch: every argument split over the
+    batch axes on its leading dimension, except those at the positions in `whole`, which each
+    device gets entire (a layer's weights); every output split the same way.
+
+    For custom kernels (Pallas calls): XLA's partitioner cannot split one, so in a sharded step
+    it would gather the kernel's inputs whole on every device and run the whole batch on each.
+    As it is where the batch is not split (one device, no mesh) or its rows do not divide.
+    """
+    if batch_shards() == 1 or any(
+        local_shape(np.shape(a)) is None for i, a in enumerate(args) if i not in whole
+    ):
+        return fn(*args)
+    rows = PartitionSpec(BATCH_AXES)
+    specs = tuple(PartitionSpec() if i in whole else rows for i in range(len(args)))
+    # Outputs are split as the rows they come from: nothing for the checker to prove.
+    each = jax.shard_map(fn, in_specs=specs, out_specs=rows, check_vma=False)
+    return each(*args)
 
 
 def gathered(tree):

@@ -78,12 +78,9 @@ def build(config, mesh) -> tuple[Networks, TrainState, optax.GradientTransformat
         m.attention,
         m.dtype,
         short_backward=kernels.setting(m, "short_attention_backward"),
-        num_devices=mesh.size,
     )
-    fused = models.resolve_fused_qkv(
-        size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype, mesh.size
-    )
-    gelu_choice = models.resolve_gelu(m, mesh.size)
+    fused = models.resolve_fused_qkv(size, m.pred_dim, kernels.setting(m, "fused_qkv"), m.dtype)
+    gelu_choice = models.resolve_gelu(m)
 
     def create_networks():
         ijepa = models.from_config(

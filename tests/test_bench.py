@@ -431,12 +431,14 @@ def test_compiled_mode_compiles_the_step_for_a_gpu_it_need_not_have(tmp_path):
 @pytest.mark.skipif(not _cuda_plugin(), reason="needs jax's CUDA plugin (the [cuda] extra)")
 def test_compiled_mode_compiles_an_fsdp_step_for_several_gpus(tmp_path):
     """4 H100s on an FSDP mesh with cuDNN attention (its partitioner once stopped this compile:
-    q, k and v were sharded apart): parameters gathered, gradients reduce-scattered."""
+    q, k and v were sharded apart): parameters gathered, gradients reduce-scattered, and the
+    Pallas kernels run on each GPU's rows (they once ran on one device only)."""
     argv = ["compiled", "--config", "tiny", "--gpus", "4", "--per-device-batch", "4"]
     argv += ["--gpu", "h100", "--config.mesh.fsdp=4", "--config.mesh.data=1"]
     result = bench.main([*argv, "--top", "100", "--out", str(tmp_path / "compiled.json")])
     groups = {row["group"] for row in result["rows"]}
     assert {"cuDNN fmhaSoftmax", "all-gather", "reduce-scatter"} <= groups
+    assert {"Pallas short_attention_backward", "Pallas gelu"} <= groups
     assert "all-to-all" not in groups
     (summary,) = result["summaries"]
     assert summary["devices"] == 4 and summary["by_kind"]["collective"]["gb"] > 0

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from meshes import mesh_of
 from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, rel_err
 
 from configs.default import get_config
@@ -54,7 +55,7 @@ def test_the_kernel_matches_the_models_gelu(shape):
 @pytest.mark.parametrize("shape", [(128, 196, 3072), (512, 91, 1536), (128, 68, 5120)])
 def test_compiled_kernel_at_the_step_shapes(shape):
     x = _random(shape)
-    assert gelu_kernel.fits(x)
+    assert gelu_kernel.fits(x.shape)
     assert rel_err(jax.jit(gelu_kernel.gelu)(x), activations.gelu(x)) < 1e-3
 
 
@@ -72,7 +73,7 @@ def test_in_the_model_it_keeps_the_backward_and_falls_back_where_blocks_do_not_t
 ):
     for shape, tiles in (((8, 1024), True), ((4, 1024), False)):
         x, g = _random(shape), _random(shape)
-        assert gelu_kernel.fits(x) == tiles
+        assert gelu_kernel.fits(x.shape) == tiles
         assert ("pallas_call" in str(jax.make_jaxpr(activations.gelu_in_kernel)(x))) == tiles
         out, vjp = jax.vjp(activations.gelu_in_kernel, x)
         want, want_vjp = jax.vjp(activations.gelu, x)
@@ -104,39 +105,34 @@ def test_a_block_with_the_kernel_computes_what_it_computes_without(kernel_here):
 def test_settings_resolve_and_bad_ones_are_refused(monkeypatch):
     assert get_config("tiny").model.gelu_kernel == "auto"
     assert kernels.setting({}, "gelu_kernel") == "off"  # configs before the field
-    off = kernels.resolve_gelu("off", 1)
+    off = kernels.resolve_gelu("off")
     assert not off.on and off.describe() == "GELU: XLA (config.model.gelu_kernel=off)"
     with pytest.raises(ValueError, match="gelu_kernel='yes'"):
-        kernels.resolve_gelu("yes", 1)
+        kernels.resolve_gelu("yes")
     config = get_config("tiny")
     config.model.gelu_kernel = "yes"
     with pytest.raises(ValueError, match="model.gelu_kernel"):
         configuration.validate(config)
-    # Where a GPU passed the check: on for one device, off for a mesh (a Pallas call is not
-    # partitioned).
+    # Where a GPU passed the check: on.
     monkeypatch.setattr(kernels, "_gpu_reason", lambda: None)
     monkeypatch.setattr(kernels, "_gelu_check", lambda: None)
-    assert kernels.resolve_gelu("auto", 1).on
-    assert "Pallas kernel" in kernels.resolve_gelu("auto", 1).describe()
-    two = kernels.resolve_gelu("auto", 2)
-    assert not two.on and "2 devices" in two.reason
-    with pytest.raises(kernels.KernelUnavailableError, match="gelu_kernel=on, but"):
-        kernels.resolve_gelu("on", 2)
+    assert kernels.resolve_gelu("auto").on and kernels.resolve_gelu("on").on
+    assert "Pallas kernel" in kernels.resolve_gelu("auto").describe()
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
 def test_without_a_gpu_auto_uses_xla_and_on_says_why():
-    auto = kernels.resolve_gelu("auto", 1)
+    auto = kernels.resolve_gelu("auto")
     assert not auto.on and auto.reason.startswith("no CUDA GPU")
     with pytest.raises(kernels.KernelUnavailableError, match="no CUDA GPU.*gelu_kernel=auto"):
-        kernels.resolve_gelu("on", 1)
+        kernels.resolve_gelu("on")
     assert "failed its startup check" in kernels._gelu_check.__wrapped__()
 
 
 @pytest.mark.gpu
 def test_on_a_gpu_it_passes_its_startup_check():
     assert kernels._gelu_check.__wrapped__() is None
-    assert kernels.resolve_gelu("auto", 1).on
+    assert kernels.resolve_gelu("auto").on
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -156,10 +152,33 @@ _TWO = pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
 
 
 @pytest.mark.parametrize("devices", [1, pytest.param(2, marks=_TWO)])
-def test_the_trainer_asks_with_its_mesh_size(monkeypatch, devices):
+def test_the_trainer_runs_it_on_any_mesh(monkeypatch, devices):
     monkeypatch.setattr(kernels, "_gpu_reason", lambda: None)
     monkeypatch.setattr(kernels, "_gelu_check", lambda: None)
     config = get_config("tiny")
     config.mesh.data = devices
     net, _, _ = trainer.build(config, sharding.make_mesh(config.mesh, jax.devices()[:devices]))
-    assert net.gelu_kernel.on == (devices == 1)
+    assert net.gelu_kernel.on
+
+
+@_TWO
+def test_on_a_mesh_each_device_runs_the_kernel_on_its_own_rows(monkeypatch):
+    """Split over two devices, [4, 8, 1024] is [2, 8, 1024] a device: the kernel's blocks tile
+    it. [2, 4, 1024] tiles whole but not per device ([1, 4, 1024]): XLA's GELU."""
+    kernel, shapes = gelu_kernel.gelu, []
+
+    def interpreted(x):
+        shapes.append(x.shape)
+        return kernel(x, interpret=not ON_GPU)
+
+    monkeypatch.setattr(gelu_kernel, "gelu", interpreted)
+    mesh = mesh_of(data=1, fsdp=2)
+    for shape, kernel_shapes in [((4, 8, 1024), [(2, 8, 1024)]), ((2, 4, 1024), [])]:
+        x, shapes[:] = _random(shape), []
+        with jax.set_mesh(mesh):
+            got = jax.jit(activations.gelu_in_kernel)(
+                jax.device_put(x, sharding.batch_sharding(mesh))
+            )
+        assert shapes == kernel_shapes
+        assert got.sharding.spec == sharding.batch_sharding(mesh).spec
+        assert rel_err(got, activations.gelu(x)) < 1e-3

@@ -64,7 +64,7 @@ def test_it_is_the_exact_gelu_to_bf16_rounding_above_minus_2_and_within_5e_4_any
 def test_the_setting_picks_the_mlps_gelu_and_bad_values_are_refused():
     config = get_config("tiny")
     assert config.model.gelu == "exact" and activations.gelu_formula({}) == "exact"  # older configs
-    tanh = models.resolve_gelu({"gelu": "tanh", "gelu_kernel": "auto"}, 1)
+    tanh = models.resolve_gelu({"gelu": "tanh", "gelu_kernel": "auto"})
     assert not tanh.on and tanh.formula == "tanh"
     assert tanh.describe().startswith("GELU: tanh approximation (config.model.gelu=tanh;")
     assert activations.for_mlp(tanh) is activations.gelu_tanh
@@ -74,11 +74,11 @@ def test_the_setting_picks_the_mlps_gelu_and_bad_values_are_refused():
     assert activations.without_kernel(activations.gelu_tanh) is activations.gelu_tanh
     assert activations.without_kernel(activations.gelu_in_kernel) is activations.gelu
     with pytest.raises(ValueError, match=r"config.model.gelu='TANH': choose one of"):
-        kernels.resolve_gelu("auto", 1, "TANH")
+        kernels.resolve_gelu("auto", "TANH")
     with pytest.raises(ValueError, match="resolve it with models.resolve_gelu"):
         models.from_config(config.model, gelu_kernel=tanh)  # resolved for another formula
     with pytest.raises(kernels.KernelUnavailableError, match="exact GELU.*gelu_kernel=auto"):
-        models.resolve_gelu({"gelu": "tanh"}, 1, setting="on")
+        models.resolve_gelu({"gelu": "tanh"}, setting="on")
     config.model.gelu = "erf"
     with pytest.raises(ValueError, match=r"config.model.gelu='erf' is invalid: choose one of"):
         configuration.validate(config)

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from meshes import mesh_of
 from numerics import fresh_key, rel_err
 
-from jepa_jax import attention, kernels
+from jepa_jax import attention, kernels, sharding
 from jepa_jax.kernels import dense
 from jepa_jax.models import layers, vit
 
@@ -17,8 +18,8 @@ ON_GPU = jax.default_backend() == "gpu"
 
 # The kernel's own tests need a GPU it runs on (Hopper, the startup check passed).
 needs_the_kernel = pytest.mark.skipif(
-    bool(kernels.unavailable_reason("bfloat16", 1)),
-    reason=f"the q/k/v kernel cannot run here: {kernels.unavailable_reason('bfloat16', 1)}",
+    bool(kernels.unavailable_reason("bfloat16")),
+    reason=f"the q/k/v kernel cannot run here: {kernels.unavailable_reason('bfloat16')}",
 )
 
 
@@ -26,18 +27,18 @@ WIDTHS = {"encoders": 768, "predictor": 384}  # ViT-B/16's
 
 
 def test_off_is_off_and_bad_settings_are_refused():
-    assert not kernels.resolve("off", dtype="bfloat16", num_devices=1, widths=WIDTHS).on
+    assert not kernels.resolve("off", dtype="bfloat16", widths=WIDTHS).on
     with pytest.raises(ValueError, match="choose one of"):
-        kernels.resolve("yes", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+        kernels.resolve("yes", dtype="bfloat16", widths=WIDTHS)
 
 
 @pytest.mark.skipif(ON_GPU, reason="checks the no-GPU branch")
 def test_without_a_gpu_auto_falls_back_and_on_says_why_and_what_to_do():
-    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+    auto = kernels.resolve("auto", dtype="bfloat16", widths=WIDTHS)
     assert not auto.on and "no CUDA GPU" in auto.reason
     assert auto.describe().startswith("Fused q/k/v: off (no CUDA GPU")
     with pytest.raises(kernels.KernelUnavailableError, match="no CUDA GPU.*fused_qkv=auto"):
-        kernels.resolve("on", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+        kernels.resolve("on", dtype="bfloat16", widths=WIDTHS)
 
 
 @pytest.fixture
@@ -50,34 +51,31 @@ def one_hopper(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "capability,dtype,devices,reason",
+    "capability,dtype,reason",
     [
-        ("9.0", "bfloat16", 1, None),
-        ("8.0", "bfloat16", 1, "compute capability 8.0"),
-        ("9.0", "float32", 1, "compute dtype float32"),
-        ("9.0", "bfloat16", 8, "8 devices"),
+        ("9.0", "bfloat16", None),
+        ("8.0", "bfloat16", "compute capability 8.0"),
+        ("9.0", "float32", "compute dtype float32"),
     ],
 )
-def test_auto_runs_only_on_one_hopper_gpu_in_bf16(one_hopper, capability, dtype, devices, reason):
+def test_auto_runs_only_on_hopper_gpus_in_bf16(one_hopper, capability, dtype, reason):
     one_hopper.compute_capability = capability
-    choice = kernels.resolve("auto", dtype=dtype, num_devices=devices, widths=WIDTHS)
+    choice = kernels.resolve("auto", dtype=dtype, widths=WIDTHS)
     assert choice.on == (reason is None)
     if reason:
         assert reason in choice.reason
 
 
 def test_the_startup_line_names_the_networks_whose_width_it_tiles(one_hopper):
-    both = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=WIDTHS)
+    both = kernels.resolve("auto", dtype="bfloat16", widths=WIDTHS)
     assert both.describe().startswith("Fused q/k/v: on in the encoders and the predictor (")
     widths = {"encoders": 192, "predictor": 384}  # ViT-Ti's 192 does not tile
-    assert kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=widths).networks == (
-        "predictor",
-    )
+    assert kernels.resolve("auto", dtype="bfloat16", widths=widths).networks == ("predictor",)
     tiny = {"encoders": 192, "predictor": 128}
-    auto = kernels.resolve("auto", dtype="bfloat16", num_devices=1, widths=tiny)
+    auto = kernels.resolve("auto", dtype="bfloat16", widths=tiny)
     assert not auto.on and "encoders 192, predictor 128" in auto.reason
     with pytest.raises(kernels.KernelUnavailableError, match="tiles none of these widths"):
-        kernels.resolve("on", dtype="bfloat16", num_devices=1, widths=tiny)
+        kernels.resolve("on", dtype="bfloat16", widths=tiny)
 
 
 def test_a_kernel_that_fails_its_startup_check_falls_back_to_xla(monkeypatch):
@@ -167,6 +165,30 @@ def test_fused_qkv_matches_autodiff_of_the_plain_layer(monkeypatch):
     for g, w in zip(got_grads, want_grads, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert rel_err(g, w) < 2e-2
+
+
+def test_on_a_mesh_each_device_runs_the_kernel_on_its_own_rows(monkeypatch):
+    """Split over two devices, 512 rows are 256 a device: the kernel tiles them and runs on
+    each device's; 128 rows are 64 a device, which no tiling takes: XLA's layer."""
+    rows = []
+
+    def kernel_stand_in(x, w, b, splits):
+        rows.append(x.shape[0])
+        return dense.reference(x, w, b, splits=splits)
+
+    monkeypatch.setattr(layers, "dense_split", kernel_stand_in)
+    key = fresh_key()
+    for total, kernel_rows in [(512, [256]), (128, [])]:
+        linear, x = _layer_and_input(key, 256, 768, rows=total)
+        rows.clear()
+        mesh = mesh_of(data=1, fsdp=2)
+        with jax.set_mesh(mesh):
+            split = jax.device_put(x, sharding.batch_sharding(mesh))
+            got = jax.jit(lambda x, linear=linear: _qkv(True)(linear, x))(split)
+        assert rows == kernel_rows
+        for g, w in zip(got, _qkv(False)(linear, x), strict=True):
+            assert g.sharding.spec == sharding.batch_sharding(mesh).spec
+            assert rel_err(g, w) < 1e-2
 
 
 @pytest.mark.parametrize("with_lengths", [False, True])

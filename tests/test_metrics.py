@@ -144,8 +144,8 @@ def fake_run(config):
     net = types.SimpleNamespace(
         attention=choice,
         layer_counts={"encoder": 12, "predictor": 2},
-        fused_qkv=kernels.resolve("off", dtype="bfloat16", num_devices=1, widths={}),
-        gelu_kernel=kernels.resolve_gelu("off", num_devices=1),
+        fused_qkv=kernels.resolve("off", dtype="bfloat16", widths={}),
+        gelu_kernel=kernels.resolve_gelu("off"),
     )
     encoder = {"w": np.zeros((192, 100)), "b": np.zeros(50)}
     state = types.SimpleNamespace(

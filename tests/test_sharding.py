@@ -12,16 +12,12 @@ from ml_collections import ConfigDict
 from configs.default import get_config
 from jepa_jax import bench, objective, sharding, trainer
 from jepa_jax import data as data_lib
+from tests.meshes import mesh_of
 from tests.numerics import fresh_key, rel_err
 
 needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (the CPU run provides 8 virtual ones)"
 )
-
-
-def mesh_of(data, fsdp):
-    devices = jax.devices()[: data * fsdp]
-    return sharding.make_mesh(ConfigDict({"data": data, "fsdp": fsdp}), devices=devices)
 
 
 def float32_tiny():
@@ -97,6 +93,45 @@ def test_fp8_targets_on_an_fsdp_mesh_agree_with_one_device():
     # alone differs by 4e-7. Per-shard scales or no FP8 on the mesh would reach 100%.
     assert rel_err(targets[(1, 8), "fp8"], targets[(1, 1), "fp8"]) < 0.4 * fp8_error
     assert rel_err(targets[(1, 8), "off"], targets[(1, 1), "off"]) < 1e-5
+
+
+def test_on_each_device_runs_a_function_on_each_devices_rows():
+    """As a Pallas kernel runs on a mesh: each device's rows in, whole weights, nothing
+    gathered; the same values and gradients as on one device. Rows that do not divide over
+    the devices are run whole."""
+    mesh, seen = mesh_of(2, 2), []
+
+    def kernel(x, w):
+        seen.append(x.shape)
+        return jnp.tanh(x @ w), 2 * x
+
+    keys = jax.random.split(fresh_key(), 4)
+    w, x = jax.random.normal(keys[0], (8, 8)), jax.random.normal(keys[1], (16, 8))
+    ga, gb = jax.random.normal(keys[2], (16, 8)), jax.random.normal(keys[3], (16, 8))
+
+    def loss(x, w):
+        a, b = sharding.on_each_device(kernel, x, w, whole=(1,))
+        return jnp.vdot(a, ga) + jnp.vdot(b, gb)
+
+    with jax.set_mesh(mesh):
+        on_mesh = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        split = jax.device_put(x, sharding.batch_sharding(mesh))
+        got = on_mesh(split, w)
+        hlo = on_mesh.lower(split, w).compile().as_text()
+        assert seen == [(4, 8)]
+        assert sharding.on_each_device(kernel, x[:6], w)[0].shape == (6, 8) and seen[-1] == (6, 8)
+        # Inside a shard_map over the batch axes the rows are the device's already.
+        rows = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+        inside = jax.shard_map(
+            lambda x: sharding.on_each_device(kernel, x, w, whole=(1,))[0],
+            in_specs=rows,
+            out_specs=rows,
+        )
+        assert jax.jit(inside)(split).shape == (16, 8) and seen[-1] == (4, 8)
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    want = jax.value_and_grad(loss, argnums=(0, 1))(x, w)  # no mesh: the whole batch at once
+    for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(g, ref) < 1e-5
 
 
 def test_largest_divisible_dimension_is_split():

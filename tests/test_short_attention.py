@@ -6,6 +6,7 @@ compiles it with Triton at ViT-H/14's context and predictor shapes."""
 import jax
 import jax.numpy as jnp
 import pytest
+from meshes import mesh_of
 from numerics import fresh_key, rel_err
 
 from configs.default import get_config
@@ -79,33 +80,29 @@ def kernel_here(monkeypatch):
 
 def test_auto_by_default_off_keeps_cudnn_and_bad_settings_are_refused():
     assert get_config("tiny").model.short_attention_backward == "auto"
-    assert kernels.resolve_short_backward("off", CUDNN, 1) is CUDNN
+    assert kernels.resolve_short_backward("off", CUDNN) is CUDNN
     assert kernels.setting({}, "short_attention_backward") == "off"  # configs before the field
     assert not CUDNN.short_backward and CUDNN.fn is A.cudnn_attention
     with pytest.raises(ValueError, match="short_attention_backward='yes'"):
-        kernels.resolve_short_backward("yes", CUDNN, 1)
+        kernels.resolve_short_backward("yes", CUDNN)
     config = get_config("tiny")
     config.model.short_attention_backward = "yes"
     with pytest.raises(ValueError, match="model.short_attention_backward"):
         configuration.validate(config)
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_auto_runs_the_kernel_with_cudnn_on_one_device(kernel_here, devices):
-    choice = kernels.resolve_short_backward("auto", CUDNN, devices)
-    assert choice.short_backward == (devices == 1)
+def test_auto_runs_the_kernel_with_cudnn(kernel_here):
+    choice = kernels.resolve_short_backward("auto", CUDNN)
+    assert choice.short_backward
     line = A.describe(choice, {"encoder": 12, "predictor": 6})
     assert "requested" not in line  # auto chose cuDNN: nothing fell back
-    if devices == 1:
-        assert choice.fn is A.cudnn_attention_short_backward and "in a Pallas kernel" in line
-    else:
-        assert choice.fn is A.cudnn_attention and "kernel off (2 devices" in line
+    assert choice.fn is A.cudnn_attention_short_backward and "in a Pallas kernel" in line
     with pytest.raises(kernels.KernelUnavailableError, match="short_attention_backward=auto"):
-        kernels.resolve_short_backward("on", A.Choice("xla", "xla"), 1)
+        kernels.resolve_short_backward("on", A.Choice("xla", "xla"))
 
 
 @pytest.mark.parametrize("devices", [1, 2])
-def test_the_trainer_asks_for_it_with_its_mesh_size(monkeypatch, kernel_here, devices):
+def test_the_trainer_runs_it_on_any_mesh(monkeypatch, kernel_here, devices):
     """`trainer.build` passes the setting and its mesh's size; cuDNN is faked (nothing runs it:
     build only creates the state)."""
     monkeypatch.setattr(A, "resolve", lambda name, dtype, head_dims: CUDNN)
@@ -113,7 +110,7 @@ def test_the_trainer_asks_for_it_with_its_mesh_size(monkeypatch, kernel_here, de
     config.model.short_attention_backward = "auto"
     config.mesh.data = devices
     net, _, _ = trainer.build(config, sharding.make_mesh(config.mesh, jax.devices()[:devices]))
-    assert net.attention.short_backward == (devices == 1)
+    assert net.attention.short_backward
 
 
 @pytest.mark.skipif(ON_GPU, reason="CPU behaviour")
@@ -131,11 +128,14 @@ def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
     assert "failed its startup check" in inside[0]
 
 
-@pytest.mark.parametrize("tokens,with_lengths", [(13, True), (16, False), (130, True)])
-def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with_lengths):
+@pytest.mark.parametrize(
+    "tokens,with_lengths,devices", [(13, True, 1), (16, False, 1), (130, True, 1), (13, True, 2)]
+)
+def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with_lengths, devices):
     """cudnn_attention_short_backward with cuDNN's forward swapped for the reference (so this
     runs on a CPU): the kernel's backward on unpadded sequences of up to 128 tokens, and
-    beyond, padding to a multiple of 8 and autodiff's. The kernel runs interpreted on a CPU."""
+    beyond, padding to a multiple of 8 and autodiff's. The kernel runs interpreted on a CPU.
+    On a mesh of two devices, each runs it on its own sequence."""
     monkeypatch.setattr(
         A, "_cudnn", lambda q, k, v, n: A.reference_attention(q, k, v, kv_lengths=n)
     )
@@ -149,12 +149,13 @@ def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with
     keys = jax.random.split(fresh_key(), 5)
     q, k, v, g = (jax.random.normal(key, (2, tokens, 2, 24), jnp.bfloat16) for key in keys[:4])
     lengths = jax.random.randint(keys[4], (2,), 1, tokens + 1) if with_lengths else None
-    got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
+    with jax.set_mesh(mesh_of(data=1, fsdp=devices)):
+        got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
     want = _grads(A.reference_attention, *f32, g, lengths)
     short = tokens <= 128
     assert A.seq_multiple(A.cudnn_attention_short_backward, tokens) == (1 if short else 8)
-    assert calls == ([(2, tokens, 2, 24)] if short else [])
+    assert calls == ([(2 // devices, tokens, 2, 24)] if short else [])
     for got_, want_ in zip(got, want, strict=True):
         assert got_.shape == want_.shape and rel_err(got_, want_) < 1e-2
 

@@ -74,8 +74,8 @@ class FusedQKV:
         return f"Fused q/k/v: off ({self.reason})"
 
 
-def unavailable_reason(dtype, num_devices: int) -> str | None:
-    """Why the q/k/v kernel cannot run for this compute dtype and device count."""
+def unavailable_reason(dtype) -> str | None:
+    """Why the q/k/v kernel cannot run for this compute dtype."""
     capability = gpu_compute_capability()
     if capability is None:
         return no_cuda_gpu_reason()
@@ -84,14 +84,7 @@ def unavailable_reason(dtype, num_devices: int) -> str | None:
         return f"GPU compute capability {major}.{minor}: the kernel is written for Hopper (9.0)"
     if jnp.dtype(dtype) != jnp.bfloat16:
         return f"compute dtype {jnp.dtype(dtype).name}: the kernel takes bfloat16"
-    return _one_device_reason(num_devices) or _self_check()
-
-
-def _one_device_reason(num_devices: int) -> str | None:
-    if num_devices > 1:
-        # XLA's partitioner cannot split a Pallas call: a sharded step would gather its inputs.
-        return f"{num_devices} devices: the kernel runs on one device only so far"
-    return None
+    return _self_check()
 
 
 def _startup_check(kernel, args, expected, tolerance: float) -> str | None:
@@ -119,14 +112,14 @@ def _self_check() -> str | None:
     return _startup_check(kernel, (x, w, b), [np.full((128, 128), 258.0)] * 3, tolerance=0)
 
 
-def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) -> FusedQKV:
+def resolve(setting: str, *, dtype, widths: dict[str, int]) -> FusedQKV:
     """What `config.model.fused_qkv` means here, for networks of these attention widths; raises
     KernelUnavailableError for an `on` that cannot run, naming the cause and the fix."""
     _check_setting("fused_qkv", setting)
     if setting == "off":
         return FusedQKV(setting, False, "config.model.fused_qkv=off")
     tiled = tuple(name for name, width in widths.items() if dense.width_tiles(width))
-    reason = unavailable_reason(dtype, num_devices)
+    reason = unavailable_reason(dtype)
     if reason is None and not tiled:
         listed = ", ".join(f"{name} {width}" for name, width in widths.items())
         reason = (
@@ -138,7 +131,7 @@ def resolve(setting: str, *, dtype, num_devices: int, widths: dict[str, int]) ->
     return FusedQKV(setting, reason is None, reason, tiled if reason is None else ())
 
 
-def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Choice:
+def resolve_short_backward(setting: str, choice: Choice) -> Choice:
     """`choice` with cuDNN's backward of short sequences in `short_attention`'s kernel where
     `config.model.short_attention_backward` asks for it and it can run; raises
     KernelUnavailableError for an `on` that cannot, naming the cause and the fix."""
@@ -150,7 +143,7 @@ def resolve_short_backward(setting: str, choice: Choice, num_devices: int) -> Ch
             reason = f"attention is {choice.name}: the kernel replaces cuDNN's backward"
             raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
         return choice  # auto: the Attention line already says cuDNN does not run
-    reason = _one_device_reason(num_devices) or _short_backward_check()
+    reason = _short_backward_check()
     if reason and setting == "on":
         raise _unavailable("short_attention_backward", "the kernel", reason, "cuDNN's backward")
     return dataclasses.replace(choice, short_backward=reason is None, short_backward_reason=reason)
@@ -188,7 +181,7 @@ class GeluKernel:
         return f"GELU: XLA ({self.reason})"
 
 
-def resolve_gelu(setting: str, num_devices: int, formula: str = "exact") -> GeluKernel:
+def resolve_gelu(setting: str, formula: str = "exact") -> GeluKernel:
     """What `config.model.gelu_kernel` means here for `config.model.gelu`'s `formula`; raises
     KernelUnavailableError for an `on` that cannot run, naming the cause and the fix."""
     _check_setting("gelu_kernel", setting)
@@ -205,7 +198,7 @@ def resolve_gelu(setting: str, num_devices: int, formula: str = "exact") -> Gelu
         return GeluKernel(False, "config.model.gelu=tanh", formula)
     if setting == "off":
         return GeluKernel(False, "config.model.gelu_kernel=off")
-    reason = _gpu_reason() or _one_device_reason(num_devices) or _gelu_check()
+    reason = _gpu_reason() or _gelu_check()
     if reason and setting == "on":
         raise _unavailable("gelu_kernel", "the GELU kernel", reason, "XLA")
     return GeluKernel(reason is None, reason)

@@ -34,14 +34,14 @@ def gelu_float32(x: jax.Array) -> jax.Array:
     return x * jnp.where(x >= 0, 1.0 - tail, tail)
 
 
-def fits(x: jax.Array) -> bool:
-    """Whether the kernel's blocks tile x."""
-    return x.size % (ROWS * COLUMNS) == 0
+def fits(shape: tuple[int, ...]) -> bool:
+    """Whether the kernel's blocks tile an array of this shape."""
+    return math.prod(shape) % (ROWS * COLUMNS) == 0
 
 
 @functools.partial(jax.jit, static_argnames="interpret")
 def gelu(x: jax.Array, *, interpret: bool = False) -> jax.Array:
-    """GELU of x (any shape whose size `fits`), computed in float32, returned in x's dtype."""
+    """GELU of x (any shape that `fits`), computed in float32, returned in x's dtype."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 

@@ -9,7 +9,7 @@ probabilities from q and k, and writes dq, dk and dv once. On an H200 at ViT-H/1
 took 0.168 ms where cuDNN's backward took about 0.23 (context), and 0.436 where cuDNN's took
 about 0.62 (predictor); a one-tile forward was no faster than cuDNN's (BENCHMARKS.md). The
 model runs it as `attention.cudnn_attention_short_backward` where
-`config.model.short_attention_backward` asks for it (`auto`, the default: on one GPU where its
+`config.model.short_attention_backward` asks for it (`auto`, the default: on CUDA GPUs where its
 startup check passes); whole training steps ran 3-4% faster at ViT-B/16 and 1.5% at ViT-H/14.
 """
 

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jepa_jax import kernels
+from jepa_jax import kernels, sharding
 from jepa_jax.kernels import gelu as pallas_gelu
 
 
@@ -51,7 +51,10 @@ gelu.defvjp(_gelu_forward, _gelu_backward)
 def gelu_in_kernel(x: jax.Array) -> jax.Array:
     """`gelu` with its forward in `kernels.gelu`'s Pallas kernel where x's shape tiles (a CUDA
     GPU only); the same backward."""
-    return pallas_gelu.gelu(x) if pallas_gelu.fits(x) else gelu(x)
+    local = sharding.local_shape(x.shape)
+    if local is None or not pallas_gelu.fits(local):
+        return gelu(x)
+    return sharding.on_each_device(pallas_gelu.gelu, x)
 
 
 def _gelu_in_kernel_forward(x):

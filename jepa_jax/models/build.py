@@ -87,10 +87,9 @@ def create(
             attention,
             dtype,
             short_backward=short_attention_backward,
-            num_devices=jax.device_count(),
         ),
-        fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype, jax.device_count()),
-        gelu_kernel=kernels.resolve_gelu(gelu_kernel, jax.device_count(), gelu),
+        fused_qkv=resolve_fused_qkv(size, pred_dim, fused_qkv, dtype),
+        gelu_kernel=kernels.resolve_gelu(gelu_kernel, gelu),
         dtype=dtype,
         residual_dtype=residual_dtype,
         remat=remat,
@@ -128,7 +127,6 @@ def from_config(
             model_config.attention,
             model_config.dtype,
             short_backward=kernels.setting(model_config, "short_attention_backward"),
-            num_devices=jax.device_count(),
         ),
         fused_qkv=fused_qkv
         or resolve_fused_qkv(
@@ -136,9 +134,8 @@ def from_config(
             model_config.pred_dim,
             kernels.setting(model_config, "fused_qkv"),
             model_config.dtype,
-            jax.device_count(),
         ),
-        gelu_kernel=gelu_kernel or resolve_gelu(model_config, jax.device_count()),
+        gelu_kernel=gelu_kernel or resolve_gelu(model_config),
         dtype=model_config.dtype,
         residual_dtype=model_config.get("residual_dtype", "float32"),  # absent in older configs
         remat=model_config.remat,
@@ -154,28 +151,25 @@ def resolve_attention(
     dtype: str,
     *,
     short_backward: str = "off",
-    num_devices: int = 1,
 ):
     """Which attention implementation runs for these networks, and whether its backward of short
     sequences runs in the kernel (raises for an impossible cudnn or `on`)."""
     head_dims = (size.width // size.heads, pred_dim // size.heads)
     choice = attention_lib.resolve(attention, dtype=jnp.dtype(dtype), head_dims=head_dims)
-    return kernels.resolve_short_backward(short_backward, choice, num_devices)
+    return kernels.resolve_short_backward(short_backward, choice)
 
 
-def resolve_gelu(model_config, num_devices: int, setting: str | None = None) -> kernels.GeluKernel:
+def resolve_gelu(model_config, setting: str | None = None) -> kernels.GeluKernel:
     """Which GELU runs for `config.model`: its formula (`gelu`), and the kernel per `setting`
     (by default its `gelu_kernel`; raises for an impossible `on`)."""
     setting = setting or kernels.setting(model_config, "gelu_kernel")
-    return kernels.resolve_gelu(setting, num_devices, activations.gelu_formula(model_config))
+    return kernels.resolve_gelu(setting, activations.gelu_formula(model_config))
 
 
-def resolve_fused_qkv(
-    size: ViTSize, pred_dim: int, setting: str, dtype: str, num_devices: int
-) -> kernels.FusedQKV:
+def resolve_fused_qkv(size: ViTSize, pred_dim: int, setting: str, dtype: str) -> kernels.FusedQKV:
     """Whether the q/k/v kernel runs for these networks (raises for an impossible `on`)."""
     widths = {"encoders": size.width, "predictor": pred_dim}
-    return kernels.resolve(setting, dtype=dtype, num_devices=num_devices, widths=widths)
+    return kernels.resolve(setting, dtype=dtype, widths=widths)
 
 
 def build(

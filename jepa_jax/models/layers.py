@@ -14,13 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jepa_jax import sharding
 from jepa_jax.kernels.dense import dense_split, tiling_for
 
 
 def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> list[jax.Array]:
     """linear(x) cut into `splits` equal column blocks (q, k, v)."""
     rows = math.prod(x.shape[:-1])
-    if not fused or tiling_for(rows, x.shape[-1], linear.out_features // splits) is None:
+    local = sharding.local_shape((rows,))  # each device's rows, where a mesh splits the batch
+    width = linear.out_features // splits
+    if not fused or local is None or tiling_for(*local, x.shape[-1], width) is None:
         return jnp.split(linear(x), splits, axis=-1)
     dtype = linear.dtype
     outs = _dense_split(
@@ -34,11 +37,12 @@ def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dense_split(x, w, b, splits: int) -> tuple[jax.Array, ...]:
-    return dense_split(x, w, b, splits=splits)
+    kernel = functools.partial(dense_split, splits=splits)
+    return sharding.on_each_device(kernel, x, w, b, whole=(1, 2))
 
 
 def _dense_split_forward(x, w, b, splits):
-    return dense_split(x, w, b, splits=splits), (x, w, b)
+    return _dense_split(x, w, b, splits), (x, w, b)
 
 
 def _dense_split_backward(splits, residuals, grads):

@@ -35,8 +35,8 @@ def load_encoder(
     m.residual_dtype = "float32"  # float32 features whatever the run trained with
     size = encoder_size(m)
     choice = resolve_attention(size, m.pred_dim, attention, m.dtype)
-    fused = resolve_fused_qkv(size, m.pred_dim, fused_qkv, m.dtype, jax.device_count())
-    gelu = resolve_gelu(m, jax.device_count(), gelu_kernel)
+    fused = resolve_fused_qkv(size, m.pred_dim, fused_qkv, m.dtype)
+    gelu = resolve_gelu(m, gelu_kernel)
     graphdef, abstract = nnx.split(
         nnx.eval_shape(
             lambda: from_config(m, attention=choice, fused_qkv=fused, gelu_kernel=gelu).encoder
