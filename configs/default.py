@@ -51,18 +51,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # auto | cudnn | xla | reference. auto: cuDNN flash attention on a supported GPU, otherwise
     # the fastest correct path here. Parameters never depend on this choice.
     c.model.attention = "auto"
-    # auto | on | off. auto: on a Hopper GPU (one device, bf16), the q/k/v projection writes q, k
-    # and v apart from inside its matmul (a Pallas kernel, jepa_jax.kernels.dense), so no copy
-    # unstacks them; XLA elsewhere.
+    # auto | on | off. auto: on Hopper GPUs (bf16), the q/k/v projection writes q, k and v apart
+    # from inside its matmul (a Pallas kernel, jepa_jax.kernels.dense), so no copy unstacks
+    # them; XLA elsewhere. On a mesh each device runs it (and the two kernels below) on its rows.
     # Parameters never depend on this choice.
     c.model.fused_qkv = "auto"
-    # auto | on | off. With cuDNN attention on one GPU, the backward of sequences of at most 128
+    # auto | on | off. With cuDNN attention on GPUs, the backward of sequences of at most 128
     # tokens (the context encoder's and the predictor's) runs in a Pallas kernel
     # (jepa_jax.kernels.short_attention): alone on an H200 it ran 1.4x faster than cuDNN's
     # backward; whole steps ran 3-4% faster at ViT-B/16 and 1.5% at ViT-H/14, with 0.35 and
     # 1.25 GiB less peak memory (BENCHMARKS.md).
     c.model.short_attention_backward = "auto"
-    # auto | on | off. auto: on one CUDA GPU, the MLPs' exact GELU forward runs in a Pallas
+    # auto | on | off. auto: on CUDA GPUs, the MLPs' exact GELU forward runs in a Pallas
     # kernel (jepa_jax.kernels.gelu): 31-32% less time than XLA's fusion alone on an H200, whole
     # steps about 1.5% faster (BENCHMARKS.md). Outputs agree to bf16's rounding.
     c.model.gelu_kernel = "auto"

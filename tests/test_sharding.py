@@ -69,6 +69,30 @@ def test_meshes_agree_with_one_device(run_steps):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu" or jax.device_count() < 2, reason="needs two GPUs"
+)
+def test_two_gpus_train_like_one_with_the_kernels_on_each(run_steps):
+    """The GPU defaults (bf16, cuDNN attention, the three Pallas kernels) on an FSDP mesh of two
+    GPUs: each kernel is in the compiled step, and the losses are one GPU's to bf16's rounding."""
+    config = get_config("tiny")
+    m = config.model
+    m.variant, m.depth, m.pred_dim, m.dtype = "small", 2, 384, "bfloat16"  # widths they tile
+    config.batch_size = 32  # 16 images a GPU: rows the kernels tile
+    _, _, ref_hist = run_steps(config, mesh_of(1, 1), 3)
+    mesh = mesh_of(1, 2)
+    state, step_fn, hist = run_steps(config, mesh, 3)
+    batches = data_lib.create_iterator(config)
+    batch = sharding.global_batch(mesh, next(batches))
+    batches.close()
+    found = bench.hlo.kernels(step_fn.lower(state, batch).compile().as_text())
+    groups = {kernel["group"] for kernel in found}
+    assert {"Pallas gelu", "Pallas short_attention_backward"} <= groups
+    assert "Pallas q/k/v projection (Mosaic GPU)" in groups
+    np.testing.assert_allclose([h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-2)
+
+
 @needs_8_devices
 def test_fp8_targets_on_an_fsdp_mesh_agree_with_one_device():
     """The FP8 target encoder's scales (maxima and parameter bounds over sharded tensors) give
