@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -435,13 +436,19 @@ def test_compiled_mode_compiles_an_fsdp_step_for_several_gpus(tmp_path):
     Pallas kernels run on each GPU's rows (they once ran on one device only)."""
     argv = ["compiled", "--config", "tiny", "--gpus", "4", "--per-device-batch", "4"]
     argv += ["--gpu", "h100", "--config.mesh.fsdp=4", "--config.mesh.data=1"]
-    result = bench.main([*argv, "--top", "100", "--out", str(tmp_path / "compiled.json")])
+    argv += ["--hlo-dir", str(tmp_path), "--top", "100", "--out", str(tmp_path / "out.json")]
+    result = bench.main(argv)
     groups = {row["group"] for row in result["rows"]}
     assert {"cuDNN fmhaSoftmax", "all-gather", "reduce-scatter"} <= groups
     assert {"Pallas short_attention_backward", "Pallas gelu"} <= groups
     assert "all-to-all" not in groups
     (summary,) = result["summaries"]
     assert summary["devices"] == 4 and summary["by_kind"]["collective"]["gb"] > 0
+    # The bf16 step's gradients are summed over the GPUs in float32 (XLA once summed in bf16).
+    sums = re.findall(
+        r"= (.*?) (?:all-reduce|reduce-scatter)(?:-start)?\(", (tmp_path / "cudnn.hlo").read_text()
+    )
+    assert sums and not any("bf16[" in result for result in sums)
 
 
 @pytest.mark.skipif(_cuda_plugin(), reason="jax's CUDA plugin is installed here")

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
+from meshes import mesh_of
 from numerics import bfloat16_spacing, every_bfloat16, fresh_key, gelu_float64, rel_err
 
 from configs.default import get_config
-from jepa_jax import attention, kernels, models, presets
+from jepa_jax import attention, kernels, models, presets, sharding
 from jepa_jax.kernels import dense
 from jepa_jax.models import layers, vit
 from jepa_jax.models.activations import gelu
@@ -417,3 +419,33 @@ def test_config_depth_sets_the_encoder_blocks():
     full = flops.step_flops_by_part(config, masks.mask_spec(config))
     assert full["predictor"] == shallow["predictor"]
     assert 2.5 < full["context"] / shallow["context"] < 3  # 12 blocks vs 4; the embed is shared
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_on_a_mesh_linear_computes_its_weight_gradients_in_float32(dtype):
+    """layers.Linear on a mesh of two devices: the values and gradients of nnx.Linear on one
+    device (to the dtype's rounding), the weight and bias gradients out of float32 sums (each
+    device's partial sum is what the devices add: in bf16 they rounded at every hop)."""
+    keys = jax.random.split(fresh_key(), 4)
+    linear = layers.Linear(64, 32, dtype=dtype, rngs=nnx.Rngs(keys[0]))
+    linear.bias[...] = jax.random.normal(keys[1], (32,))
+    x = jax.random.normal(keys[2], (8, 5, 64))
+    weights = jax.random.normal(keys[3], (8, 5, 32))
+    graphdef, params = nnx.split(linear)
+
+    def loss(params, x):
+        y = nnx.merge(graphdef, params)(x)
+        return jnp.vdot(y.astype(jnp.float32), weights)
+
+    grads = jax.value_and_grad(loss, argnums=(0, 1))
+    want = grads(params, x)  # one device: nnx.Linear's own
+    mesh = mesh_of(data=1, fsdp=2)
+    with jax.set_mesh(mesh):
+        split = jax.device_put(x, sharding.batch_sharding(mesh))
+        got = jax.jit(grads)(params, split)
+        jaxpr = jax.make_jaxpr(grads)(params, split)
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert rel_err(g, w) < tolerance
+    # The weight gradient's GEMM writes float32 (the bias's sum is float32 by construction).
+    assert re.search(r"f32\[64,32\] = dot_general\[", str(jaxpr))

@@ -1,8 +1,13 @@
-"""The q/k/v projection, which can run inside the `kernels.dense` kernel (Hopper): the matmul
-writes q, k and v apart, so no copy unstacks them for the attention.
+"""The networks' Linear layer, and the q/k/v projection.
 
-With `fused=False`, or for shapes the kernel does not tile, it is the plain Linear, split in
-XLA; both compute the same function (tests/test_kernels.py).
+- `Linear`: nnx.Linear whose weight and bias gradients, where a mesh splits the batch, are
+  summed over the devices in float32, as the release's data parallel sums its float32
+  gradients. Left to XLA, each device's partial sum kept the bf16 GEMM's dtype and the devices
+  added them in bf16, rounding at every step of the ring.
+- `linear_split`: the q/k/v projection, which can run inside the `kernels.dense` kernel
+  (Hopper): the matmul writes q, k and v apart, so no copy unstacks them for the attention.
+  With `fused=False`, or for shapes the kernel does not tile, it is the plain Linear, split in
+  XLA; both compute the same function (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -16,6 +21,44 @@ from flax import nnx
 
 from jepa_jax import sharding
 from jepa_jax.kernels.dense import dense_split, tiling_for
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear; on a mesh that splits the batch, its gradients are summed in float32."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if sharding.batch_shards() == 1:
+            return super().__call__(x)
+        x, w, b = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return _affine(x, w, b)
+
+
+@jax.custom_vjp
+def _affine(x, w, b):
+    return jnp.dot(x, w) + b
+
+
+def _affine_forward(x, w, b):
+    return _affine(x, w, b), (x, w)
+
+
+def _affine_backward(residuals, g):
+    x, w = residuals
+    rows = x.reshape(-1, x.shape[-1])
+    w_grad, b_grad = _weight_grads(rows, g.reshape(-1, g.shape[-1]), w.dtype)
+    return jnp.dot(g, w.T), w_grad, b_grad
+
+
+_affine.defvjp(_affine_forward, _affine_backward)
+
+
+def _weight_grads(rows: jax.Array, g: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """rows^T g and g's column sums over rows split across devices: each device's partial sums
+    come out of the GEMM and the reduction in float32, so the devices add them in float32."""
+    w_grad = jax.lax.dot_general(
+        rows, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return w_grad.astype(dtype), jnp.sum(g.astype(jnp.float32), axis=0).astype(g.dtype)
 
 
 def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> list[jax.Array]:
@@ -49,6 +92,9 @@ def _dense_split_backward(splits, residuals, grads):
     """The Linear's backward in XLA, as autodiff of the unfused layer computes it."""
     x, w, b = residuals
     g = jnp.concatenate(grads, axis=-1)
+    if sharding.batch_shards() > 1:
+        w_grad, bias_grad = _weight_grads(x, g, w.dtype)
+        return g @ w.T, w_grad, bias_grad.astype(b.dtype)
     bias_grad = jnp.sum(g.astype(jnp.float32), axis=0).astype(b.dtype)
     return g @ w.T, x.T @ g, bias_grad
 

@@ -30,7 +30,7 @@ from jepa_jax.attention import (
 from jepa_jax.kernels.dense import tiling_for, width_tiles
 from jepa_jax.models import fp8
 from jepa_jax.models.activations import gelu, without_kernel
-from jepa_jax.models.layers import linear_split
+from jepa_jax.models.layers import Linear, linear_split
 
 LN_EPS = 1e-6
 # Every Linear (and the mask token) starts at N(0, 0.02), bias 0, as the release trained.
@@ -80,7 +80,7 @@ def sincos_pos_embed(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, kernel_init=dense_init, dtype=dtype, rngs=rngs)
+    return Linear(din, dout, kernel_init=dense_init, dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
