@@ -127,7 +127,8 @@ def group_rows(
 ) -> list[dict]:
     """hlo.kernels' kernels by group, most bytes first: launches, GB and the least ms those
     bytes take at `bandwidth` (a collective's: at `link_bandwidth`, what a device sends over
-    its links); what a group's fusions compute where they all compute one thing."""
+    its links); what a group's fusions compute where they all compute one thing, and the
+    element types a group of collectives carries."""
     launches, moved = collections.Counter(), collections.Counter()
     kind, what = {}, collections.defaultdict(set)
     for kernel in found:
@@ -144,10 +145,16 @@ def group_rows(
             "kernels": launches[group],
             "gb": moved[group] / 1e9,
             "least_ms": moved[group] / speed[group] * 1e3,
-            "what": next(iter(what[group])) if len(what[group]) == 1 else None,
+            "what": _what(kind[group], what[group]),
         }
         for group, _ in moved.most_common()
     ]
+
+
+def _what(kind: str, whats: set) -> str | None:
+    if kind == "collective":  # every element type any of them carries
+        return ", ".join(sorted({dtype for what in whats for dtype in what.split(", ")}))
+    return next(iter(whats)) if len(whats) == 1 else None
 
 
 SUMMED = ("kernels", "gb", "least_ms")  # a row's fields that add up over a kind

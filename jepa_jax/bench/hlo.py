@@ -229,6 +229,12 @@ def _link_bytes(instruction: Instruction, named: dict[str, Instruction], sizes) 
     return round(_COLLECTIVES[op] * whole * (n - 1) / n)
 
 
+def carried(shape: str) -> str:
+    """The element types a collective's result holds ('bf16, f32'): the dtype the devices sum
+    gradients in shows here."""
+    return ", ".join(sorted({dtype for dtype, _ in _arrays(shape)}))
+
+
 def _launches(module: Module, computation: str) -> list[dict]:
     found = []
     named = {i.name: i for i in module.computations[computation]}
@@ -246,6 +252,7 @@ def _launches(module: Module, computation: str) -> list[dict]:
         if collective in _COLLECTIVES:
             kind, group = "collective", collective
             moved = _link_bytes(instruction, named, module.sizes)
+            what = carried(instruction.shape)
         elif call is not None:
             kind, group = _call_group(call)
         elif instruction.opcode in ("fusion", "fusion-start"):
@@ -270,7 +277,7 @@ def kernels(hlo_text: str) -> list[dict]:
     """The kernels one run of the module launches, in order (a while loop's body once per
     trip): name, kind (gemm, attention, fusion, collective or the opcode), group (fusions by
     name with digits masked, custom calls by what they run, collectives by op), bytes moved
-    (a collective's: what one device sends over its links) and, for fusions, what they
-    compute."""
+    (a collective's: what one device sends over its links) and what: for fusions, what they
+    compute; for collectives, the element types they carry."""
     module = parse(hlo_text)
     return _launches(module, module.entry)
