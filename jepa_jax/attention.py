@@ -66,7 +66,8 @@ def cudnn_attention_short_backward(q, k, v, *, kv_lengths=None):
     kernel (`kernels.short_attention`) instead of cuDNN's flash backward. Such sequences are
     not padded: cuDNN runs only their forward, which takes any length (the training kernels
     are the ones that reject some), and the kernel takes any length up to 128."""
-    if not _short(q.shape[1]):
+    # Where a mesh's devices cannot each take whole sequences, the kernel would get them all.
+    if not _short(q.shape[1]) or sharding.local_shape(q.shape) is None:
         return cudnn_attention(q, k, v, kv_lengths=kv_lengths)
     return _cudnn_then_kernel(q, k, v, kv_lengths)
 

@@ -169,7 +169,9 @@ def test_fused_qkv_matches_autodiff_of_the_plain_layer(monkeypatch):
 
 def test_on_a_mesh_each_device_runs_the_kernel_on_its_own_rows(monkeypatch):
     """Split over two devices, 512 rows are 256 a device: the kernel tiles them and runs on
-    each device's; 128 rows are 64 a device, which no tiling takes: XLA's layer."""
+    each device's; 128 rows are 64 a device, which no tiling takes: XLA's layer. Values and
+    gradients (the weight's and bias's summed over the devices in float32) as the plain layer's
+    on one device."""
     rows = []
 
     def kernel_stand_in(x, w, b, splits):
@@ -184,11 +186,16 @@ def test_on_a_mesh_each_device_runs_the_kernel_on_its_own_rows(monkeypatch):
         mesh = mesh_of(data=1, fsdp=2)
         with jax.set_mesh(mesh):
             split = jax.device_put(x, sharding.batch_sharding(mesh))
-            got = jax.jit(lambda x, linear=linear: _qkv(True)(linear, x))(split)
-        assert rows == kernel_rows
-        for g, w in zip(got, _qkv(False)(linear, x), strict=True):
+            got, got_grads = jax.jit(
+                lambda x, linear=linear: _values_and_grads(_qkv(True), linear, x, key)
+            )(split)
+        assert rows == kernel_rows * 2  # the forward, and the forward the gradient takes
+        want, want_grads = _values_and_grads(_qkv(False), linear, x, key)
+        for g, w in zip(got, want, strict=True):
             assert g.sharding.spec == sharding.batch_sharding(mesh).spec
             assert rel_err(g, w) < 1e-2
+        for g, w in zip(got_grads, want_grads, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype and rel_err(g, w) < 2e-2
 
 
 @pytest.mark.parametrize("with_lengths", [False, True])

@@ -129,13 +129,17 @@ def test_without_a_gpu_auto_keeps_cudnns_backward_and_on_says_why():
 
 
 @pytest.mark.parametrize(
-    "tokens,with_lengths,devices", [(13, True, 1), (16, False, 1), (130, True, 1), (13, True, 2)]
+    "tokens,with_lengths,batch,devices",
+    [(13, True, 2, 1), (16, False, 2, 1), (130, True, 2, 1), (13, True, 2, 2), (13, True, 3, 2)],
 )
-def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with_lengths, devices):
+def test_its_gradients_match_autodiff_of_the_reference(
+    monkeypatch, tokens, with_lengths, batch, devices
+):
     """cudnn_attention_short_backward with cuDNN's forward swapped for the reference (so this
     runs on a CPU): the kernel's backward on unpadded sequences of up to 128 tokens, and
     beyond, padding to a multiple of 8 and autodiff's. The kernel runs interpreted on a CPU.
-    On a mesh of two devices, each runs it on its own sequence."""
+    On a mesh of two devices, each runs it on its own sequence; 3 sequences do not split over
+    two devices, and keep cuDNN's backward (the kernel would get all of them on each)."""
     monkeypatch.setattr(
         A, "_cudnn", lambda q, k, v, n: A.reference_attention(q, k, v, kv_lengths=n)
     )
@@ -147,15 +151,16 @@ def test_its_gradients_match_autodiff_of_the_reference(monkeypatch, tokens, with
 
     monkeypatch.setattr(short_attention, "attention_backward", counted)
     keys = jax.random.split(fresh_key(), 5)
-    q, k, v, g = (jax.random.normal(key, (2, tokens, 2, 24), jnp.bfloat16) for key in keys[:4])
-    lengths = jax.random.randint(keys[4], (2,), 1, tokens + 1) if with_lengths else None
+    shape = (batch, tokens, 2, 24)
+    q, k, v, g = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:4])
+    lengths = jax.random.randint(keys[4], (batch,), 1, tokens + 1) if with_lengths else None
     with jax.set_mesh(mesh_of(data=1, fsdp=devices)):
         got = _grads(A.cudnn_attention_short_backward, q, k, v, g, lengths)
     f32 = [a.astype(jnp.float32) for a in (q, k, v)]
     want = _grads(A.reference_attention, *f32, g, lengths)
-    short = tokens <= 128
-    assert A.seq_multiple(A.cudnn_attention_short_backward, tokens) == (1 if short else 8)
-    assert calls == ([(2 // devices, tokens, 2, 24)] if short else [])
+    assert A.seq_multiple(A.cudnn_attention_short_backward, tokens) == (1 if tokens <= 128 else 8)
+    kernel_runs = tokens <= 128 and batch % devices == 0
+    assert calls == ([(batch // devices, tokens, 2, 24)] if kernel_runs else [])
     for got_, want_ in zip(got, want, strict=True):
         assert got_.shape == want_.shape and rel_err(got_, want_) < 1e-2
 

@@ -24,41 +24,46 @@ from jepa_jax.kernels.dense import dense_split, tiling_for
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear; on a mesh that splits the batch, its gradients are summed in float32."""
+    """nnx.Linear (default precision and dot_general, as the networks build it); on a mesh that
+    splits the batch, its gradients are summed in float32."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if sharding.batch_shards() == 1:
             return super().__call__(x)
-        x, w, b = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        bias = self.bias[...] if self.bias is not None else None
+        x, w, b = self.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
         return _affine(x, w, b)
 
 
 @jax.custom_vjp
 def _affine(x, w, b):
-    return jnp.dot(x, w) + b
+    y = jnp.dot(x, w)
+    return y if b is None else y + b
 
 
 def _affine_forward(x, w, b):
-    return _affine(x, w, b), (x, w)
+    return _affine(x, w, b), (x, w, b)
 
 
 def _affine_backward(residuals, g):
-    x, w = residuals
+    x, w, b = residuals
     rows = x.reshape(-1, x.shape[-1])
-    w_grad, b_grad = _weight_grads(rows, g.reshape(-1, g.shape[-1]), w.dtype)
-    return jnp.dot(g, w.T), w_grad, b_grad
+    w_grad, b_grad = _weight_grads(rows, g.reshape(-1, g.shape[-1]))
+    b_grad = None if b is None else b_grad.astype(b.dtype)
+    return jnp.dot(g, w.T), w_grad.astype(w.dtype), b_grad
 
 
 _affine.defvjp(_affine_forward, _affine_backward)
 
 
-def _weight_grads(rows: jax.Array, g: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """rows^T g and g's column sums over rows split across devices: each device's partial sums
-    come out of the GEMM and the reduction in float32, so the devices add them in float32."""
+def _weight_grads(rows: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """rows^T g and g's column sums, in float32, over rows split across devices: each device's
+    partial sums come out of the GEMM and the reduction in float32, so the devices add them in
+    float32 (the caller rounds the totals to its parameters' dtypes)."""
     w_grad = jax.lax.dot_general(
         rows, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
-    return w_grad.astype(dtype), jnp.sum(g.astype(jnp.float32), axis=0).astype(g.dtype)
+    return w_grad, jnp.sum(g.astype(jnp.float32), axis=0)
 
 
 def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> list[jax.Array]:
@@ -93,8 +98,8 @@ def _dense_split_backward(splits, residuals, grads):
     x, w, b = residuals
     g = jnp.concatenate(grads, axis=-1)
     if sharding.batch_shards() > 1:
-        w_grad, bias_grad = _weight_grads(x, g, w.dtype)
-        return g @ w.T, w_grad, bias_grad.astype(b.dtype)
+        w_grad, bias_grad = _weight_grads(x, g)
+        return g @ w.T, w_grad.astype(w.dtype), bias_grad.astype(b.dtype)
     bias_grad = jnp.sum(g.astype(jnp.float32), axis=0).astype(b.dtype)
     return g @ w.T, x.T @ g, bias_grad
 

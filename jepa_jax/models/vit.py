@@ -120,7 +120,10 @@ class Attention(nnx.Module):
             return multiple
         padded = -(-tokens // CUDNN_SEQ_MULTIPLE) * CUDNN_SEQ_MULTIPLE
         width = self.qkv.in_features
-        tiles = [tiling_for(batch * n, width, width) is not None for n in (tokens, padded)]
+        rows = sharding.local_shape((batch,))  # each device's sequences, on a mesh
+        if rows is None:
+            return 1
+        tiles = [tiling_for(rows[0] * n, width, width) is not None for n in (tokens, padded)]
         return CUDNN_SEQ_MULTIPLE if tiles == [False, True] else 1
 
     def attend(self, q, k, v, kv_lengths) -> jax.Array:
