@@ -1,5 +1,6 @@
 """The sharded loop: every mesh computes the same step, and FSDP really splits the state."""
 
+import collections
 import dataclasses
 import functools
 
@@ -247,3 +248,48 @@ def test_device_batches_are_put_a_step_ahead_and_in_order():
         assert len(taken) == ahead  # those after it are already on their way to the devices
         assert first["x"].sharding == sharding.batch_sharding(mesh)
         assert [float(b["x"][0, 0]) for b in [first, *batches]] == [0, 1, 2, 3, 4]
+
+
+def test_the_kernels_on_a_mesh_train_like_one_device(monkeypatch, run_steps):
+    """The GPU path's three kernels and cuDNN's calls, each stood in for on a CPU (the GELU and
+    short-backward kernels interpreted, the q/k/v kernel by its XLA statement, cuDNN's forward
+    by the reference), in whole float32 steps: on a mesh of two devices each kernel gets that
+    device's rows, and the losses are one device's."""
+    from jepa_jax import attention, kernels
+    from jepa_jax.kernels import dense, gelu, short_attention
+    from jepa_jax.models import layers
+
+    shapes = collections.defaultdict(set)
+
+    def recorded(name, fn, **extra):
+        def run(*args, **kwargs):
+            shapes[name].add(args[0].shape[0])
+            return fn(*args, **kwargs, **extra)
+
+        return run
+
+    cudnn = attention.Choice("auto", "cudnn")
+    monkeypatch.setattr(attention, "resolve", lambda name, dtype, head_dims: cudnn)
+    monkeypatch.setattr(
+        attention, "_cudnn", lambda q, k, v, n: attention.reference_attention(q, k, v, kv_lengths=n)
+    )
+    for check in ("_gpu_reason", "_gelu_check", "_short_backward_check", "unavailable_reason"):
+        monkeypatch.setattr(kernels, check, lambda *_: None)
+    monkeypatch.setattr(gelu, "gelu", recorded("gelu", gelu.gelu, interpret=True))
+    backward = recorded("backward", short_attention.attention_backward, interpret=True)
+    monkeypatch.setattr(short_attention, "attention_backward", backward)
+    monkeypatch.setattr(layers, "dense_split", recorded("qkv", dense.reference))
+    config = float32_tiny()
+    m = config.model
+    m.variant, m.depth, m.pred_depth, m.pred_dim = "small", 1, 1, 384  # widths the q/k/v tiles
+    config.batch_size = 32
+    _, _, ref_hist = run_steps(config, mesh_of(1, 1), 2)
+    one_device = {name: set(rows) for name, rows in shapes.items()}
+    shapes.clear()
+    _, _, hist = run_steps(config, mesh_of(1, 2), 2)
+    assert set(shapes) == {"gelu", "backward", "qkv"}
+    for name in ("gelu", "backward"):  # each device's half of what one device took
+        assert shapes[name] == {rows // 2 for rows in one_device[name]}, name
+    # The q/k/v rows too, the target encoder's padded where a device's rows only tile so.
+    assert shapes["qkv"] == {128, 640, 768} and one_device["qkv"] == {256, 1152, 1536}
+    np.testing.assert_allclose([h["loss"] for h in hist], [h["loss"] for h in ref_hist], rtol=1e-5)
