@@ -137,6 +137,7 @@ def compile_step(config, net: Networks, tx, mesh, state: TrainState):
         in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=fp8.compiler_options(config.model) or None,
     )
 
 

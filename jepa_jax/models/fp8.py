@@ -44,6 +44,14 @@ def setting(model_config) -> str:
     return model_config.get("fp8", "off")
 
 
+def compiler_options(model_config) -> dict:
+    """XLA options for a step with this FP8 setting. XLA merges dots that share an operand into
+    one where they are small; q, k and v, quantised each with its own scale, would then run as
+    one bf16 GEMM (at ViT-B/16, 128 images: q and k did). So FP8 turns the merger off. The
+    default step compiles to the same kernels with it off (BENCHMARKS.md, nineteenth session)."""
+    return {"xla_gpu_dot_merger_threshold_mb": 0} if setting(model_config) == "target" else {}
+
+
 FP8_CAPABILITY = (8, 9)  # NVIDIA Ada and later have FP8 tensor cores; XLA needs them for FP8 GEMMs
 
 
@@ -78,8 +86,25 @@ def quantize_dequantize(x: jax.Array, bound: jax.Array | None = None) -> jax.Arr
 
 @jax.custom_vjp
 def _round(x: jax.Array, scale: jax.Array) -> jax.Array:
-    quantized = jnp.clip(x.astype(jnp.float32) / scale.astype(jnp.float32), -E4M3_MAX, E4M3_MAX)
-    return quantized.astype(E4M3).astype(x.dtype) * scale
+    # On CUDA, divided and clamped in x's dtype: the form XLA folds into an FP8 GEMM that
+    # produces x (fc1 + bias + tanh GELU written straight to e4m3, no pass for fc2's input).
+    return (
+        jax.lax.platform_dependent(
+            x, scale, cuda=_round_in_dtype, default=_round_in_float32
+        ).astype(x.dtype)
+        * scale
+    )
+
+
+def _round_in_float32(x, scale):
+    return jnp.clip(x.astype(jnp.float32) / scale.astype(jnp.float32), -E4M3_MAX, E4M3_MAX).astype(
+        E4M3
+    )
+
+
+def _round_in_dtype(x, scale):
+    low, high = (jnp.full(x.shape, limit, x.dtype) for limit in (-E4M3_MAX, E4M3_MAX))
+    return jax.lax.clamp(low, x / scale, high).astype(E4M3)
 
 
 # A gradient passes the rounding straight through, and none reaches the scale (it is not
@@ -88,15 +113,18 @@ def _round(x: jax.Array, scale: jax.Array) -> jax.Array:
 _round.defvjp(lambda x, scale: (_round(x, scale), None), lambda _, g: (g, None))
 
 
-def dense(layer: nnx.Linear, x: jax.Array, bound: jax.Array) -> jax.Array:
-    """`layer(x)` with e4m3 operands: x scaled by `bound` (>= max|x|), the kernel by its max."""
+def dense(
+    layer: nnx.Linear, x: jax.Array, bound: jax.Array, columns: slice = slice(None)
+) -> jax.Array:
+    """`layer(x)[..., columns]` with e4m3 operands: x scaled by `bound` (>= max|x|), the
+    kernel's columns by their max."""
     dtype = layer.dtype
-    kernel = quantize_dequantize(layer.kernel[...].astype(dtype))
+    kernel = quantize_dequantize(layer.kernel[...][:, columns].astype(dtype))
     x = quantize_dequantize(x.astype(dtype), bound)
     y = jax.lax.dot_general(
         x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=dtype
     )
-    return y + layer.bias[...].astype(dtype)
+    return y + layer.bias[...][columns].astype(dtype)
 
 
 def norm_bounds(norm: nnx.LayerNorm, width: int) -> tuple[jax.Array, jax.Array]:
@@ -119,13 +147,17 @@ def block_forward(block, x: jax.Array, kv_lengths, activation: Callable) -> jax.
     rows); fc1's output's for the GELU's."""
     attn, d = block.attn, x.shape[-1]
     norm_max, norm_l2 = norm_bounds(block.norm1, d)
-    q, k, v = jnp.split(dense(attn.qkv, block.norm1(x), norm_max), 3, axis=-1)
+    # q, k and v as three GEMMs, each writing its own array: one GEMM's output split three
+    # ways is a copy pass (H/14: 16 GB a step, `bench compiled`).
+    normed = block.norm1(x)
+    q, k, v = (dense(attn.qkv, normed, norm_max, slice(i * d, (i + 1) * d)) for i in range(3))
     v_max = output_bound(attn.qkv.kernel[...][:, 2 * d :], attn.qkv.bias[...][2 * d :], norm_l2)
     x = x + dense(attn.proj, attn.attend(q, k, v, kv_lengths), v_max)
     norm_max, norm_l2 = norm_bounds(block.norm2, d)
-    h = dense(block.fc1, block.norm2(x), norm_max)
+    # As rows, so that no bitcast sits between fc1's GEMM and the rounding XLA folds into it.
+    h = dense(block.fc1, block.norm2(x).reshape(-1, d), norm_max)
     h_max = output_bound(block.fc1.kernel[...], block.fc1.bias[...], norm_l2)
-    return x + dense(block.fc2, activation(h), jnp.maximum(h_max, GELU_MIN))
+    return x + dense(block.fc2, activation(h), jnp.maximum(h_max, GELU_MIN)).reshape(x.shape)
 
 
 def with_fp8_matmuls(encoder: nnx.Module) -> nnx.Module:
