@@ -167,16 +167,6 @@ def traced_on(mesh: Mesh, fn: Callable[..., T]) -> Callable[..., T]:
     return on_mesh
 
 
-def split_batch(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """The arrays with their leading (batch) dimension split over the batch axes of the mesh
-    they are traced on (`traced_on`); as they are where no such mesh is set, or it has one
-    device (so a one-device step compiles exactly as without it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return arrays
-    return tuple(jax.lax.with_sharding_constraint(a, PartitionSpec(BATCH_AXES)) for a in arrays)
-
-
 def batch_shards() -> int:
     """How many devices the batch is split over on the mesh traced on (`traced_on`); 1 where
     no such mesh is set, or inside a `shard_map` over its batch axes (each device's rows)."""
@@ -184,6 +174,15 @@ def batch_shards() -> int:
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.auto_axes):
         return 1
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def split_batch(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays with their leading (batch) dimension split over the batch axes of the mesh
+    they are traced on (`traced_on`); as they are where no such mesh is set, or it has one
+    device (so a one-device step compiles exactly as without it)."""
+    if batch_shards() == 1:
+        return arrays
+    return tuple(jax.lax.with_sharding_constraint(a, PartitionSpec(BATCH_AXES)) for a in arrays)
 
 
 def local_shape(shape: tuple[int, ...]) -> tuple[int, ...] | None:

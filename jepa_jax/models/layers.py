@@ -47,23 +47,27 @@ def _affine_forward(x, w, b):
 
 def _affine_backward(residuals, g):
     x, w, b = residuals
-    rows = x.reshape(-1, x.shape[-1])
-    w_grad, b_grad = _weight_grads(rows, g.reshape(-1, g.shape[-1]))
-    b_grad = None if b is None else b_grad.astype(b.dtype)
-    return jnp.dot(g, w.T), w_grad.astype(w.dtype), b_grad
+    g_rows = g.reshape(-1, g.shape[-1])
+    w_grad = _summed_weight_grad(x.reshape(-1, x.shape[-1]), g_rows, w.dtype)
+    b_grad = None if b is None else _column_sums(g_rows).astype(b.dtype)
+    return jnp.dot(g, w.T), w_grad, b_grad
 
 
 _affine.defvjp(_affine_forward, _affine_backward)
 
 
-def _weight_grads(rows: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """rows^T g and g's column sums, in float32, over rows split across devices: each device's
-    partial sums come out of the GEMM and the reduction in float32, so the devices add them in
-    float32 (the caller rounds the totals to its parameters' dtypes)."""
+def _summed_weight_grad(rows: jax.Array, g: jax.Array, dtype) -> jax.Array:
+    """rows^T g over rows split across devices: each device's partial sum comes out of the GEMM
+    in float32, so the devices add float32; the total is rounded to `dtype` once."""
     w_grad = jax.lax.dot_general(
         rows, g, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
-    return w_grad, jnp.sum(g.astype(jnp.float32), axis=0)
+    return w_grad.astype(dtype)
+
+
+def _column_sums(g: jax.Array) -> jax.Array:
+    """g's sums over its rows, in float32 (on a mesh, each device's partial sums too)."""
+    return jnp.sum(g.astype(jnp.float32), axis=0)
 
 
 def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> list[jax.Array]:
@@ -83,25 +87,28 @@ def linear_split(linear: nnx.Linear, x: jax.Array, splits: int, fused: bool) -> 
     return [out.reshape(*x.shape[:-1], -1) for out in outs]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense_split(x, w, b, splits: int) -> tuple[jax.Array, ...]:
+def _run_dense_split(x, w, b, splits: int) -> tuple[jax.Array, ...]:
+    """The kernel, on each device's rows where a mesh splits the batch."""
     kernel = functools.partial(dense_split, splits=splits)
     return sharding.on_each_device(kernel, x, w, b, whole=(1, 2))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense_split(x, w, b, splits: int) -> tuple[jax.Array, ...]:
+    return _run_dense_split(x, w, b, splits)
+
+
 def _dense_split_forward(x, w, b, splits):
-    return _dense_split(x, w, b, splits), (x, w, b)
+    return _run_dense_split(x, w, b, splits), (x, w, b)
 
 
 def _dense_split_backward(splits, residuals, grads):
-    """The Linear's backward in XLA, as autodiff of the unfused layer computes it."""
+    """The Linear's backward in XLA, as autodiff of the unfused layer computes it; on a mesh,
+    its weight gradient summed over the devices in float32 (`Linear`)."""
     x, w, b = residuals
     g = jnp.concatenate(grads, axis=-1)
-    if sharding.batch_shards() > 1:
-        w_grad, bias_grad = _weight_grads(x, g)
-        return g @ w.T, w_grad.astype(w.dtype), bias_grad.astype(b.dtype)
-    bias_grad = jnp.sum(g.astype(jnp.float32), axis=0).astype(b.dtype)
-    return g @ w.T, x.T @ g, bias_grad
+    w_grad = _summed_weight_grad(x, g, w.dtype) if sharding.batch_shards() > 1 else x.T @ g
+    return g @ w.T, w_grad, _column_sums(g).astype(b.dtype)
 
 
 _dense_split.defvjp(_dense_split_forward, _dense_split_backward)
