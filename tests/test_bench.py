@@ -462,3 +462,53 @@ def test_compiled_mode_without_the_cuda_plugin_says_how_to_install_it():
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and 'pip install -e ".[cuda]"' in done.stderr
+
+
+def _write_metrics(workdir: pathlib.Path, losses: dict[int, float], tail: str = "") -> None:
+    workdir.mkdir()
+    rows = [json.dumps({"step": s, "loss": v, "lr": 1e-3}) for s, v in losses.items()]
+    (workdir / "metrics.jsonl").write_text("\n".join(rows) + "\n" + tail)
+
+
+def test_curves_mode_compares_runs_by_window(tmp_path, capsys):
+    """Window means against the first run, steps above it after the burn-in, the largest gap;
+    a resumed run's re-logged step counts once (its later row), a half-written last line not."""
+    rng = np.random.default_rng()
+    steps = range(10, 810, 10)
+    base = {s: float(rng.uniform(0.1, 0.2)) / s for s in steps}
+    other = {s: v * 1.1 for s, v in base.items()}  # 10% above the baseline everywhere
+    other_run = {**other, 400: 5.0}  # a row the resumed run rewrote below
+    _write_metrics(tmp_path / "a", base)
+    _write_metrics(tmp_path / "b", other_run, tail=json.dumps({"step": 400, "loss": other[400]}))
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 810, "lo')  # killed mid-line
+    out = tmp_path / "curves.json"
+    bench.main(["curves", f"base={tmp_path / 'a'}", str(tmp_path / "b"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    windows = [r["window"] for r in result["rows"] if r["impl"] == "base"]
+    assert windows == ["1-100", "101-200", "201-400", "401-600", "601-800"]
+    for row in result["rows"]:
+        lo, hi = map(int, row["window"].split("-"))
+        mean = np.mean([v for s, v in base.items() if lo <= s <= hi])
+        expected = mean if row["impl"] == "base" else 1.1 * mean
+        np.testing.assert_allclose(row["mean_loss"], expected, rtol=1e-6)
+        np.testing.assert_allclose(row["minus_first"], expected - mean, rtol=1e-5, atol=1e-12)
+    summary = result["ratios"][str(tmp_path / "b")]
+    assert summary["above_first"] == "60 of 60"  # steps after 200 (a quarter of 800)
+    largest = max(0.1 * v for s, v in base.items() if s > 200)
+    np.testing.assert_allclose(summary["largest_gap"], largest, rtol=1e-5)
+    np.testing.assert_allclose(summary["last_loss"], other[800], rtol=1e-6)
+    printed = capsys.readouterr().out
+    assert "step 210 to 800" in printed and "'.' base" in printed
+
+
+def test_curves_mode_says_what_is_missing(tmp_path):
+    _write_metrics(tmp_path / "a", {10: 0.5, 20: 0.4})
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        bench.main(["curves", str(tmp_path / "a"), str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="at least two runs"):
+        bench.main(["curves", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="FIRST-LAST"):
+        bench.main(["curves", f"x={tmp_path / 'a'}", f"y={tmp_path / 'a'}", "--windows", "1:5"])
+    with pytest.raises(ValueError, match="two runs named"):
+        bench.main(["curves", str(tmp_path / "a"), str(tmp_path / "a")])

@@ -1,5 +1,5 @@
 """Benchmarks: attention kernels, I-JEPA steps (img/s, MFU, memory), largest batch, profiles,
-the compiled step's kernels.
+the compiled step's kernels, runs' loss curves compared.
 
 Usage (from the repo root; each run writes one JSON file and prints a table last on stdout):
   python -m jepa_jax.bench attention [--impls reference,xla,cudnn]
@@ -25,8 +25,14 @@ Usage (from the repo root; each run writes one JSON file and prints a table last
       cuBLAS GEMMs by precision, epilogue and output type, with the bytes each group moves and
       the least time they take at the card's bandwidth)
 
-Every mode takes --plot PATH: the implementations side by side as bar charts (needs matplotlib,
-the `plot` extra).
+  python -m jepa_jax.bench curves NAME=WORKDIR NAME=WORKDIR ... [--windows 1-250,251-500]
+      [--after STEP] [--out bench_curves.json]
+      (runs' loss curves from their metrics.jsonl, the first the baseline: mean loss per window
+      of steps, each run's gap to the first, how often it sits above it after --after, and an
+      ASCII plot of the first two)
+
+Every mode but `compiled` takes --plot PATH: the implementations (for `curves`, the runs) side by
+side as bar charts (needs matplotlib, the `plot` extra).
 
 `train` and `max-batch` run every measurement in a fresh subprocess: a process's peak device
 memory never resets, and an out-of-memory error must not poison the measurements after it. Their

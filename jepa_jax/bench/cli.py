@@ -12,6 +12,7 @@ from jepa_jax.bench.attention import ATTENTION_COLUMNS, run_attention
 from jepa_jax.bench.breakdown import BREAKDOWN_COLUMNS, run_breakdown
 from jepa_jax.bench.common import format_table
 from jepa_jax.bench.compiled import COMPILED_COLUMNS, GPUS, run_compiled
+from jepa_jax.bench.curves import CURVES_COLUMNS, run_curves
 from jepa_jax.bench.max_batch import MAX_BATCH_COLUMNS, run_max_batch
 from jepa_jax.bench.profile import PROFILE_COLUMNS, run_profile
 from jepa_jax.bench.train import TRAIN_COLUMNS, _child_main, run_train
@@ -80,19 +81,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     search.add_argument("--max-tries", type=int, default=7, help="subprocesses per impl")
     search.add_argument("--multiple", type=int, default=8, help="bisect to multiples of this")
     search.add_argument("--steps", type=int, default=3, help="timed steps per try (0: none)")
-    for p in modes.choices.values():
+    curves = modes.add_parser("curves", help="loss curves of runs compared by window")
+    curves.add_argument(
+        "runs", nargs="+", help="NAME=WORKDIR or WORKDIR (or metrics.jsonl); the first: baseline"
+    )
+    curves.add_argument("--windows", default="", help="FIRST-LAST,... (default: 8ths, quarters)")
+    curves.add_argument("--after", type=int, help="compare steps after this (default: a quarter)")
+    for name, p in modes.choices.items():
         p.add_argument("--out", help="JSON path (default bench_<mode>.json)")
-        p.add_argument("--plot", help="also draw the comparison to this PNG (needs matplotlib)")
+        if name in plot.PLOTS:
+            p.add_argument("--plot", help="also draw the comparison to this PNG (needs matplotlib)")
     args, extra = parser.parse_known_args(argv)
     # train.py's overrides, --config.FIELD=VALUE (or --config.FIELD VALUE), pass through whole.
     args.overrides, rest = [], list(extra)
     while rest:
         item = rest.pop(0)
-        if not item.startswith("--config.") or args.mode == "attention":
+        if not item.startswith("--config.") or args.mode in ("attention", "curves"):
             parser.error(f"unrecognized argument {item!r}")
         if "=" not in item and rest and not rest[0].startswith("--"):
             item = f"{item}={rest.pop(0)}"
         args.overrides.append(item)
+    if args.mode == "curves":
+        return args
     allowed = ATTENTION_IMPLS if args.mode == "attention" else ATTENTION_IMPLS + ("auto",)
     bad = [i for i in args.impls.split(",") if i not in allowed]
     if bad:
@@ -107,6 +117,7 @@ MODES = {
     "breakdown": (run_breakdown, BREAKDOWN_COLUMNS),
     "profile": (run_profile, PROFILE_COLUMNS),
     "compiled": (run_compiled, COMPILED_COLUMNS),
+    "curves": (run_curves, CURVES_COLUMNS),
 }
 
 
@@ -116,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if getattr(args, "_child", None):
         _child_main(args)
         return None
+    args.plot = getattr(args, "plot", None)  # modes without a chart take no --plot
     if args.plot:
         plot.require_matplotlib()
     run, columns = MODES[args.mode]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 COLOURS = {"cudnn": "#2a9d8f", "xla": "#e9c46a", "reference": "#e76f51", "auto": "#264653"}
+OTHER_COLOURS = ("#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8d99ae")  # curves: runs by order
 GiB, MiB = 2**30, 2**20
 
 Panel = tuple[str, Callable[[dict], float | None]]
@@ -52,6 +53,10 @@ PLOTS: dict[str, tuple[Callable[[dict], str], tuple[Panel, ...]]] = {
     ),
     "breakdown": (lambda r: r["part"], (("ms per step (lower is better)", _get("ms")),)),
     "profile": (lambda r: r["kind"], (("kernel ms per step, by kind", _get("ms")),)),
+    "curves": (  # one bar per run in each window of steps
+        lambda r: r["window"],
+        (("mean loss per window", _get("mean_loss")), ("minus the first run", _get("minus_first"))),
+    ),
 }
 
 
@@ -101,7 +106,8 @@ def plot(result: dict, path: str) -> None:
                         x, 0, f"{impl}: {status}", ha="center", va="bottom", rotation=90, fontsize=8
                     )
                     continue
-                ax.bar(x, v, width, color=COLOURS.get(impl, "grey"), label=impl if g == 0 else None)
+                colour = COLOURS.get(impl, OTHER_COLOURS[i % len(OTHER_COLOURS)])
+                ax.bar(x, v, width, color=colour, label=impl if g == 0 else None)
                 ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(groups)), groups, fontsize=8, rotation=15 if len(groups) > 2 else 0)
@@ -116,7 +122,8 @@ def plot(result: dict, path: str) -> None:
     where = f"{env.get('devices', '?')} x {env.get('device_kind', '?')}" if env else ""
     config = (result.get("args") or {}).get("config")
     what = f" {config}" if config and result["mode"] != "attention" else ""
-    fig.suptitle(f"python -m jepa_jax.bench {result['mode']}{what}: {where}", fontsize=11)
+    where = f": {where}" if where else ""
+    fig.suptitle(f"python -m jepa_jax.bench {result['mode']}{what}{where}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.92, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,138 @@
+"""`curves`: the loss curves of runs of the same command compared, from their metrics.jsonl.
+
+Two runs differ by spread (GPU reductions are not bitwise reproducible, and thousands of steps
+amplify that) as well as by what changed between them, so one logged step says little. The
+comparison is by window: the mean logged loss over stretches of the run, each run against the
+first, and after a burn-in how many logged steps a run sits above the first and how far it
+strays. An ASCII plot of the first two runs after the burn-in goes to stdout (for BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Window ends as fractions of the last common step: the first eighth (warmup), the rest of the
+# first quarter, then quarters.
+WINDOW_ENDS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)
+
+CURVES_COLUMNS = (
+    ("steps", lambda r: r["window"], ""),
+    ("run", lambda r: r["impl"], ""),
+    ("mean loss", lambda r: r["mean_loss"], ".5f"),
+    ("minus first", lambda r: r["minus_first"], "+.5f"),
+    ("over first", lambda r: r["over_first"], ".3f"),
+)
+
+
+def read_losses(path: str) -> dict[int, float]:
+    """step -> logged loss of a workdir (or a metrics.jsonl file). A resumed run logs steps past
+    its checkpoint again; the later row is the run's."""
+    file = os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no metrics.jsonl; pass a train.py workdir or the file")
+    losses = {}
+    with open(file) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+            if "loss" in row and "step" in row and math.isfinite(row["loss"]):
+                losses[row["step"]] = row["loss"]
+    if not losses:
+        raise ValueError(f"{file}: no logged losses yet (train.py logs every config.log_every)")
+    return losses
+
+
+def windows(steps: list[int], spec: str = "") -> list[tuple[int, int]]:
+    """(first, last) step of each window: `spec` as 'A-B,C-D', or WINDOW_ENDS of the last step."""
+    if spec:
+        try:
+            return [tuple(int(s) for s in w.split("-", 1)) for w in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"--windows {spec!r}: write them as FIRST-LAST,... steps") from None
+    ends = [round(f * steps[-1]) for f in WINDOW_ENDS]
+    return [(lo + 1, hi) for lo, hi in zip([0, *ends[:-1]], ends, strict=True) if hi > lo]
+
+
+def compare(curves: dict[str, dict[int, float]], spans, after: int) -> tuple[list, dict]:
+    """(rows: each run's mean loss per window and against the first run's; per other run: the
+    share of common logged steps after `after` where it sits above the first, the largest gap
+    there, and its last loss)."""
+    names = list(curves)
+    first = curves[names[0]]
+    rows = []
+    for lo, hi in spans:
+        means = {}
+        for name in names:
+            window = [v for s, v in curves[name].items() if lo <= s <= hi]
+            means[name] = sum(window) / len(window) if window else math.nan
+        for name in names:
+            rows.append(
+                {
+                    "window": f"{lo}-{hi}",
+                    "impl": name,  # the plots group bars by "impl"
+                    "mean_loss": means[name],
+                    "minus_first": means[name] - means[names[0]],
+                    "over_first": means[name] / means[names[0]],
+                    "status": "ok",
+                }
+            )
+    summary = {}
+    for name in names[1:]:
+        later = [s for s in sorted(first) if s > after and s in curves[name]]
+        gaps = [curves[name][s] - first[s] for s in later]
+        summary[name] = {
+            "after_step": after,
+            "above_first": f"{sum(g > 0 for g in gaps)} of {len(gaps)}",
+            "largest_gap": max(gaps, key=abs) if gaps else None,
+            "last_loss": curves[name][max(curves[name])],
+        }
+    return rows, summary
+
+
+def ascii_plot(a: dict[int, float], b: dict[int, float], rows: int = 12, cols: int = 80) -> str:
+    """Two curves on a log loss axis: '.' a, 'x' b, '#' both in one cell."""
+    steps = sorted(set(a) & set(b))
+    values = [c[s] for c in (a, b) for s in steps]
+    top, bottom = math.log(max(values)), math.log(min(values))
+    height, width = max(top - bottom, 1e-12), max(steps[-1] - steps[0], 1)
+    grid = [[" "] * cols for _ in range(rows)]
+    for curve, mark in ((a, "."), (b, "x")):
+        for s in steps:
+            col = round((s - steps[0]) / width * (cols - 1))
+            row = round((top - math.log(curve[s])) / height * (rows - 1))
+            grid[row][col] = mark if grid[row][col] in (" ", mark) else "#"
+    lines = []
+    for r, cells in enumerate(grid):
+        label = f"{math.exp(top - r * height / (rows - 1)):.4f}" if r % 3 == 0 else ""
+        lines.append(f"{label:>7} |" + "".join(cells).rstrip())
+    lines.append(" " * 8 + "+" + "-" * cols)
+    lines.append(f"{'':8} step {steps[0]} to {steps[-1]}; loss (log scale)")
+    return "\n".join(lines)
+
+
+def run_curves(args) -> dict:
+    named = [run.split("=", 1) if "=" in run else (run.rstrip("/"), run) for run in args.runs]
+    names = [name for name, _ in named]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"two runs named {twice[0]!r}; tell them apart as NAME=WORKDIR")
+    curves = {name: read_losses(path) for name, path in named}
+    if len(curves) < 2:
+        raise ValueError(
+            "curves needs at least two runs (NAME=WORKDIR or WORKDIR), the baseline first"
+        )
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if not common:
+        raise ValueError("the runs share no logged step; log them with the same config.log_every")
+    after = args.after if args.after is not None else round(common[-1] / 4)
+    rows, summary = compare(curves, windows(common, args.windows), after)
+    a, b = list(curves.values())[:2]
+    late = [s for s in common if s > after] or common
+    print(ascii_plot({s: a[s] for s in late}, {s: b[s] for s in late}))
+    first, second = list(curves)[:2]
+    print(f"'.' {first}, 'x' {second}, '#' both")
+    return {"rows": rows, "ratios": summary}
