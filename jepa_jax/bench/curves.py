@@ -96,14 +96,15 @@ def compare(curves: dict[str, dict[int, float]], spans, after: int) -> tuple[lis
 def ascii_plot(a: dict[int, float], b: dict[int, float], rows: int = 12, cols: int = 80) -> str:
     """Two curves on a log loss axis: '.' a, 'x' b, '#' both in one cell."""
     steps = sorted(set(a) & set(b))
+    log = lambda loss: math.log(max(loss, 1e-30))  # noqa: E731 (a loss of exactly 0 plots lowest)
     values = [c[s] for c in (a, b) for s in steps]
-    top, bottom = math.log(max(values)), math.log(min(values))
+    top, bottom = log(max(values)), log(min(values))
     height, width = max(top - bottom, 1e-12), max(steps[-1] - steps[0], 1)
     grid = [[" "] * cols for _ in range(rows)]
     for curve, mark in ((a, "."), (b, "x")):
         for s in steps:
             col = round((s - steps[0]) / width * (cols - 1))
-            row = round((top - math.log(curve[s])) / height * (rows - 1))
+            row = round((top - log(curve[s])) / height * (rows - 1))
             grid[row][col] = mark if grid[row][col] in (" ", mark) else "#"
     lines = []
     for r, cells in enumerate(grid):
