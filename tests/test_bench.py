@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import math
 import pathlib
 
 import jax
@@ -502,6 +503,29 @@ def test_curves_mode_compares_runs_by_window(tmp_path, capsys):
     assert "step 210 to 800" in printed and "'.' base" in printed
 
 
+def test_curves_mode_compares_only_the_steps_every_run_logged(tmp_path, capsys):
+    """Runs logged at other intervals, cut short by a non-finite loss, or named by a path that
+    holds '=': means over the shared steps only, and the divergence reported, not hidden."""
+    base = {s: 1.0 / s for s in range(10, 1010, 10)}
+    dense = {s: 1.2 / s for s in range(5, 1010, 5)}  # its own steps' means would be higher
+    diverged = {s: (1.1 / s if s < 600 else float("nan")) for s in base}
+    _write_metrics(tmp_path / "a", base)
+    _write_metrics(tmp_path / "lr=2", dense)
+    _write_metrics(tmp_path / "c", diverged)
+    out = tmp_path / "curves.json"
+    runs = [str(tmp_path / "a"), str(tmp_path / "lr=2"), f"c={tmp_path / 'c'}"]
+    bench.main(["curves", *runs, "--out", str(out)])
+    result = json.loads(out.read_text())
+    for row in result["rows"]:
+        if row["impl"].endswith("lr=2"):  # 1.2x the baseline at every shared step
+            np.testing.assert_allclose(row["over_first"], 1.2, rtol=1e-9)
+    summary = result["ratios"]["c"]
+    assert summary["not_finite_from"] == 600 and summary["above_first"] == "34 of 34"
+    printed = capsys.readouterr().out
+    assert "c: loss not finite at 41 logged steps from step 600 on" in printed
+    assert "steps 10 to 1000, the 100 every run logged" in printed
+
+
 def test_curves_mode_says_what_is_missing(tmp_path):
     _write_metrics(tmp_path / "a", {10: 0.5, 20: 0.4})
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
@@ -512,3 +536,23 @@ def test_curves_mode_says_what_is_missing(tmp_path):
         bench.main(["curves", f"x={tmp_path / 'a'}", f"y={tmp_path / 'a'}", "--windows", "1:5"])
     with pytest.raises(ValueError, match="two runs named"):
         bench.main(["curves", str(tmp_path / "a"), str(tmp_path / "a")])
+    pair = [f"x={tmp_path / 'a'}", f"y={tmp_path / 'a'}"]
+    with pytest.raises(ValueError, match="holds none of the steps"):
+        bench.main(["curves", *pair, "--windows", "1-5"])
+    with pytest.raises(ValueError, match="choose a step before it"):
+        bench.main(["curves", *pair, "--after", "20"])
+    _write_metrics(tmp_path / "zero", {10: 0.0, 20: 0.0})
+    bench.main(
+        [
+            "curves",
+            f"z={tmp_path / 'zero'}",
+            f"a={tmp_path / 'a'}",
+            "--out",
+            str(tmp_path / "z.json"),
+        ]
+    )
+    assert all(
+        math.isnan(r["over_first"])
+        for r in json.loads((tmp_path / "z.json").read_text())["rows"]
+        if r["impl"] == "a"
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 COLOURS = {"cudnn": "#2a9d8f", "xla": "#e9c46a", "reference": "#e76f51", "auto": "#264653"}
-OTHER_COLOURS = ("#264653", "#e76f51", "#2a9d8f", "#e9c46a", "#8d99ae")  # curves: runs by order
+OTHER_COLOURS = ("#8d99ae", "#e76f51", "#2a9d8f", "#e9c46a", "#6d597a")  # curves: runs by order
 GiB, MiB = 2**30, 2**20
 
 Panel = tuple[str, Callable[[dict], float | None]]
@@ -55,7 +55,7 @@ PLOTS: dict[str, tuple[Callable[[dict], str], tuple[Panel, ...]]] = {
     "profile": (lambda r: r["kind"], (("kernel ms per step, by kind", _get("ms")),)),
     "curves": (  # one bar per run in each window of steps
         lambda r: r["window"],
-        (("mean loss per window", _get("mean_loss")), ("minus the first run", _get("minus_first"))),
+        (("mean loss per window", _get("mean_loss")), ("over the first run", _get("over_first"))),
     ),
 }
 
