@@ -76,12 +76,13 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def compare(curves: dict[str, dict[int, float]], spans, after: int) -> tuple[list, dict]:
-    """(rows: each run's mean loss per window over the steps every run logged, and against the
-    first run's; per other run: after step `after`, how many of those steps it sits above the
-    first, the largest gap, its last loss, and where its loss first stopped being finite)."""
+def compare(
+    curves: dict[str, dict[int, float]], common: list[int], spans, after: int
+) -> tuple[list, dict]:
+    """(rows: each run's mean loss per window over `common`, the steps every run logged, and
+    against the first run's; per other run: after step `after`, how many of those steps it sits
+    above the first, the largest gap and its last loss)."""
     names = list(curves)
-    common = sorted(set.intersection(*(set(c) for c in curves.values())))
     first = curves[names[0]]
     rows = []
     for lo, hi in spans:
@@ -104,13 +105,11 @@ def compare(curves: dict[str, dict[int, float]], spans, after: int) -> tuple[lis
     for name in names[1:]:
         curve = curves[name]
         gaps = [curve[s] - first[s] for s in later if math.isfinite(curve[s] - first[s])]
-        bad = [s for s in sorted(curve) if not math.isfinite(curve[s])]
         summary[name] = {
             "after_step": after,
             "above_first": f"{sum(g > 0 for g in gaps)} of {len(gaps)}",
             "largest_gap": max(gaps, key=abs) if gaps else None,
             "last_loss": curve[common[-1]],
-            "not_finite_from": bad[0] if bad else None,
         }
     return rows, summary
 
@@ -170,10 +169,12 @@ def run_curves(args) -> dict:
             f"--after {after}: the last step every run logged is {common[-1]}; choose a "
             "step before it"
         )
-    rows, summary = compare(curves, windows(common, args.windows), after)
+    rows, summary = compare(curves, common, windows(common, args.windows), after)
     print(f"Compared: steps {common[0]} to {common[-1]}, the {len(common)} every run logged")
     for name, curve in curves.items():
         bad = [s for s in sorted(curve) if not math.isfinite(curve[s])]
+        if name in summary:  # where a compared run's loss stopped being finite
+            summary[name]["not_finite_from"] = bad[0] if bad else None
         if bad:
             print(f"{name}: loss not finite at {len(bad)} logged steps from step {bad[0]} on")
     (first, a), (second, b) = list(curves.items())[:2]
